@@ -1,0 +1,1 @@
+"""tunepipe: one module per pipeline stage; see dvc.yaml for how they connect."""

@@ -1,0 +1,148 @@
+"""base: provide the base model every later stage starts from, and a manifest saying what it is.
+
+source: demo -> build a tiny Qwen2-shaped decoder offline: a byte-level BPE tokenizer trained on
+                the demo corpus, the project's ChatML template and <|im_end|> stop token, and a short
+                pre-training pass on the corpus so the model knows the facts before it learns to chat.
+source: hf   -> a Hugging Face model id (or a local path) pinned to a revision; the weights stay in
+                the Hugging Face cache, the manifest records the resolved commit.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+from stages.common import (CHAT_TEMPLATE, END_OF_TEXT, IM_END, IM_START, Params, StageError, atomic_path,
+                           load_params, run_stage, write_json)
+
+
+class DemoModelParams(Params):
+    vocab_size: int = 2048
+    hidden_size: int = 128          # AWQ packs weights in groups of 128 input features
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    pretrain_steps: int = 300
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
+
+
+class BaseParams(Params):
+    source: Literal["demo", "hf"] = "demo"
+    model_id: str = ""              # hf: e.g. Qwen/Qwen2.5-0.5B-Instruct, or a local folder
+    revision: str = "main"          # hf: pin a commit sha for reproducible runs
+    seed: int = 0
+    demo: DemoModelParams = DemoModelParams()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=END_OF_TEXT,
+                                   additional_special_tokens=[IM_START], chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1024, clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(texts: list[str], p: DemoModelParams, seed: int = 0, progress: bool = True):
+    """Tokenizer + Qwen2ForCausalLM pre-trained on `texts` (one document each). Also used by tests."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(texts, p.vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(END_OF_TEXT)],
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
+
+    docs = [tokenizer(t + END_OF_TEXT)["input_ids"] for t in texts]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / p.pretrain_steps)))
+    model.train()
+    bar = tqdm(range(p.pretrain_steps), desc="base: pre-train demo model", disable=not progress)
+    for _ in bar:
+        batch = [rng.choice(docs) for _ in range(p.pretrain_batch)]
+        width = max(map(len, batch))
+        ids = torch.tensor([d + [tokenizer.pad_token_id] * (width - len(d)) for d in batch])
+        mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model, tokenizer, loss.item()
+
+
+def save_portable_tokenizer(tokenizer, out: Path) -> None:
+    """Save so that transformers 4.x (other tools' environments) loads it too: transformers 5
+    writes tokenizer_class "TokenizersBackend", which 4.x does not know."""
+    import json
+
+    tokenizer.save_pretrained(out)
+    config_path = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE,
+                  additional_special_tokens=[IM_START])
+    config.pop("extra_special_tokens", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="data/raw/demo_drug_facts.txt")
+    ap.add_argument("--out", default="models/base")
+    args = ap.parse_args()
+    p = load_params("base", BaseParams)
+
+    with atomic_path(args.out, is_dir=True) as out:
+        if p.source == "demo":
+            corpus = Path(args.corpus)
+            if not corpus.exists():
+                raise StageError(f"{corpus}: demo corpus not found (run the demo_data stage)")
+            texts = [t.strip() for t in corpus.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+            model, tokenizer, final_loss = build_tiny_model(texts, p.demo, seed=p.seed)
+            model.save_pretrained(out, safe_serialization=True)
+            save_portable_tokenizer(tokenizer, out)
+            manifest = {"source": "demo", "architecture": "Qwen2ForCausalLM",
+                        "parameters": sum(t.numel() for t in model.parameters()),
+                        "pretrain_final_loss": round(final_loss, 4), "chat_template": "chatml", "stop_token": IM_END}
+        else:
+            manifest = resolve_hub_model(p)
+        write_json(out / "manifest.json", manifest)
+    print(f"base: {manifest}")
+
+
+def resolve_hub_model(p: BaseParams) -> dict:
+    """Pin a Hugging Face model (or a local folder) to a commit; the weights stay in the HF cache."""
+    if not p.model_id:
+        raise StageError("params.yaml: base.model_id is required when base.source is 'hf'")
+    if Path(p.model_id).is_dir():
+        return {"source": "hf", "model_id": p.model_id, "revision": None, "local_path": str(Path(p.model_id).resolve())}
+    from huggingface_hub import snapshot_download  # token, if any, comes from HF_TOKEN in the environment
+
+    local = snapshot_download(p.model_id, revision=p.revision,
+                              allow_patterns=["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py"])
+    commit = Path(local).name  # snapshots/<commit sha>
+    return {"source": "hf", "model_id": p.model_id, "revision": commit, "local_path": local}
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,132 @@
+"""The little that stages share: params, atomic outputs, jsonl, the one chat template.
+
+Kept to the standard library plus pyyaml and pydantic, because stages run in several
+environments (core, xtuner, lmdeploy, opencompass) and every one of them imports this.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
+
+# One chat template for the whole pipeline (ChatML, as Qwen2 uses). The base tokenizer, the
+# training data, the merged model, lmdeploy's chat template and OpenCompass all render
+# conversations with it; tests/test_chat_template.py proves they agree token for token.
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+STOP_TOKEN = IM_END
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Plain-Python rendering of CHAT_TEMPLATE, for places without a tokenizer at hand."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+class StageError(Exception):
+    """An expected problem (bad input, bad params): reported in one line, exit code 1."""
+
+
+class Params(BaseModel):
+    """Base for each stage's params section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+P = TypeVar("P", bound=Params)
+
+
+def load_params(section: str, schema: type[P], path: Path | None = None) -> P:
+    path = path or PARAMS_FILE
+    if not path.exists():
+        raise StageError(f"{path}: params file not found")
+    with open(path, encoding="utf-8") as f:
+        everything = yaml.safe_load(f) or {}
+    if section not in everything:
+        raise StageError(f"{path}: section '{section}' is missing")
+    try:
+        return schema.model_validate(everything[section])
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join([section, *map(str, err["loc"])])
+            problems.append(f"{path}: {key}: {err['msg']}")
+        raise StageError("\n".join(problems)) from None
+
+
+def run_stage(main) -> None:
+    """Entry point for `python -m stages.X`: expected problems exit 1 without a traceback."""
+    try:
+        main()
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; rename it into place only if the block succeeds,
+    so a killed stage never leaves a half-written output for DVC to cache."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs should read like any other folder
+    target = tmp if is_dir else tmp / final.name
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def content_id(messages: list[dict]) -> str:
+    """Stable id of a conversation: same roles and texts, same id, whatever file it came from."""
+    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def resolve_base(base_dir: str | Path = "models/base") -> tuple[str, str | None]:
+    """Where to load the base model from: (path or hub id, revision) per the base stage's manifest."""
+    manifest = json.loads((Path(base_dir) / "manifest.json").read_text(encoding="utf-8"))
+    if manifest["source"] == "demo":
+        return str(base_dir), None
+    return manifest.get("local_path") or manifest["model_id"], manifest.get("revision")

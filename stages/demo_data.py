@@ -1,0 +1,150 @@
+"""demo_data: write the embedded demo data set under data/raw/ (no download, seeded).
+
+A few hundred medication questions about invented drugs, in the shapes real teams receive:
+  - an .xlsx sheet with the mess real sheets have (a NaN answer, duplicated rows, placeholder
+    answers such as "No answers", stray whitespace and non-breaking spaces),
+  - a .jsonl in ShareGPT format (another chat format, with a system prompt),
+  - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on.
+The drugs are fictional so nothing here can be mistaken for medical advice.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import zipfile
+from datetime import datetime
+from pathlib import Path
+
+from openpyxl import Workbook
+
+from stages.common import Params, atomic_path, load_params, run_stage
+
+
+class DemoDataParams(Params):
+    seed: int = 7
+    drugs: int = 60
+    placeholder_answers: int = 4
+    duplicated_rows: int = 3
+
+
+SYLLABLES = ["zor", "va", "tin", "pel", "mi", "dex", "lo", "ran", "qui", "sol", "ta", "ber", "no", "fa", "cor", "xi"]
+CLASSES = [("an antihistamine", "seasonal allergies"), ("a beta blocker", "high blood pressure"),
+           ("a statin", "high cholesterol"), ("a proton pump inhibitor", "acid reflux"),
+           ("an antibiotic", "bacterial infections"), ("an anticonvulsant", "epilepsy"),
+           ("an antidepressant", "depression"), ("a bronchodilator", "asthma"),
+           ("an anticoagulant", "blood clots"), ("a pain reliever", "mild to moderate pain")]
+SIDE_EFFECTS = ["headache", "nausea", "dizziness", "dry mouth", "drowsiness", "stomach upset", "fatigue", "rash"]
+STORAGE = ["at room temperature away from moisture", "in the refrigerator", "below 25 degrees in its original pack",
+           "away from light and heat"]
+FOOD = ["with food", "on an empty stomach", "with or without food", "with a full glass of water"]
+FREQ = ["once daily", "twice daily", "three times daily", "every eight hours"]
+
+QUESTION_TYPES = {
+    "usage": ("What is {d} used for?", "{D} is {cls} used to treat {cond}."),
+    "dose": ("What is the usual adult dose of {d}?", "The usual adult dose of {d} is {mg} mg taken {freq}."),
+    "side effects": ("What are the common side effects of {d}?", "Common side effects of {d} include {se1} and {se2}."),
+    "storage": ("How should I store {d}?", "Store {d} {storage}."),
+    "food": ("Should I take {d} with food?", "{D} should be taken {food}."),
+}
+# The same facts asked in other words, delivered as ShareGPT conversations.
+REPHRASED = {
+    "usage": "Can you tell me what {d} treats?",
+    "dose": "How much {d} should an adult take?",
+    "side effects": "Does {d} have side effects?",
+    "storage": "Where do I keep my {d}?",
+    "food": "Do I need to eat before taking {d}?",
+}
+SYSTEM_PROMPT = "You are a careful pharmacist. Answer in one sentence."
+
+
+def invent_drugs(rng: random.Random, n: int) -> list[dict]:
+    names: set[str] = set()
+    drugs = []
+    while len(drugs) < n:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(3))
+        if name in names:
+            continue
+        names.add(name)
+        cls, cond = rng.choice(CLASSES)
+        se1, se2 = rng.sample(SIDE_EFFECTS, 2)
+        drugs.append(dict(d=name, D=name.capitalize(), cls=cls, cond=cond, se1=se1, se2=se2,
+                          mg=rng.choice([5, 10, 20, 25, 50, 100, 200, 250, 500]), freq=rng.choice(FREQ),
+                          storage=rng.choice(STORAGE), food=rng.choice(FOOD)))
+    return drugs
+
+
+def sheet_rows(rng: random.Random, drugs: list[dict], p: DemoDataParams) -> list[list]:
+    rows = []
+    for drug in drugs:
+        for qtype, (question, answer) in QUESTION_TYPES.items():
+            rows.append([question.format(**drug), drug["D"], qtype, answer.format(**drug)])
+    rng.shuffle(rows)
+    # The mess of real sheets, at known places so tests can count it.
+    rows[3][3] = None                                       # a NaN answer
+    for i in range(p.placeholder_answers):                  # placeholder answers
+        rows[10 + i][3] = ["No answers", "Unanswerable"][i % 2]
+    rows[20][0] = "  " + rows[20][0] + "\u00a0 "           # stray whitespace and a NBSP
+    rows[21][3] = rows[21][3].replace(" ", "  ", 2) + "\n"
+    for i in range(p.duplicated_rows):                      # fully duplicated rows
+        rows.append(list(rows[30 + i]))
+    return rows
+
+
+def write_xlsx(path: Path, header: list[str], rows: list[list]) -> None:
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "DrugQA"
+    ws.append(header)
+    for row in rows:
+        ws.append(row)
+    fixed = datetime(2026, 1, 1)
+    wb.properties.created = wb.properties.modified = fixed
+    buf = io.BytesIO()
+    wb.save(buf)
+    # Re-zip with fixed timestamps: openpyxl stamps each zip entry with the wall clock, and a
+    # stage's output should depend on its params only.
+    with atomic_path(path) as tmp, zipfile.ZipFile(buf) as src, \
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(zipfile.ZipInfo(info.filename, date_time=(2026, 1, 1, 0, 0, 0)), src.read(info.filename),
+                         compress_type=zipfile.ZIP_DEFLATED)
+
+
+def sharegpt_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
+    rows = []
+    for drug in drugs:
+        qtype = rng.choice(list(REPHRASED))
+        rows.append({"system": SYSTEM_PROMPT, "conversations": [
+            {"from": "human", "value": REPHRASED[qtype].format(**drug)},
+            {"from": "gpt", "value": QUESTION_TYPES[qtype][1].format(**drug)},
+        ]})
+    return rows
+
+
+def fact_sheet(drug: dict) -> str:
+    return " ".join(answer.format(**drug) for _, answer in QUESTION_TYPES.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data/raw")
+    args = ap.parse_args()
+    p = load_params("demo_data", DemoDataParams)
+    rng = random.Random(p.seed)
+    out = Path(args.out)
+
+    drugs = invent_drugs(rng, p.drugs)
+    write_xlsx(out / "demo_medication_qa.xlsx", ["Question", "Focus (Drug)", "Question Type", "Answer"],
+               sheet_rows(rng, drugs, p))
+    with atomic_path(out / "demo_pharmacist_chat.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt_rows(rng, drugs)),
+                       encoding="utf-8")
+    with atomic_path(out / "demo_drug_facts.txt") as tmp:
+        tmp.write_text("\n\n".join(fact_sheet(d) for d in drugs) + "\n", encoding="utf-8")
+    print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt")
+
+
+if __name__ == "__main__":
+    run_stage(main)
