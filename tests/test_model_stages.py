@@ -1,0 +1,111 @@
+"""base, train (hf backend), merge: real models, exact losses, and the one chat template."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_stage, write_params
+from stages.common import CHAT_TEMPLATE, IM_END, read_jsonl, render_chatml
+from stages.train import IGNORE, collate, tokenize_conversation
+
+# Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end.
+EXPECTED_TRAIN_LOSS_FINAL = 2.876323
+
+
+def test_base_model_has_the_chat_template_and_stop_token(pipeline):
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/base")
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "models/base")
+    manifest = json.loads((pipeline / "models/base/manifest.json").read_text())
+    assert manifest["source"] == "demo" and manifest["architecture"] == "Qwen2ForCausalLM"
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.eos_token == IM_END
+    assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids(IM_END)
+    config = json.loads((pipeline / "models/base/tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x envs too
+
+
+def test_training_tokens_are_the_chat_template_tokens(pipeline):
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/base")
+    for record in read_jsonl(pipeline / "data/split/train.jsonl")[:20]:
+        example = tokenize_conversation(tokenizer, record["messages"], 512)
+        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        assert rendered == render_chatml(record["messages"])
+        assert example["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        labelled = tokenizer.decode([t for t in example["labels"] if t != IGNORE])
+        assert labelled == record["messages"][-1]["content"] + IM_END  # the answer and its stop token only
+
+
+def test_packed_loss_equals_unpacked_loss(pipeline):
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/base")
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "models/base", attn_implementation="sdpa").eval()
+    examples = [tokenize_conversation(tokenizer, r["messages"], 512)
+                for r in read_jsonl(pipeline / "data/split/train.jsonl")[:12]]
+    with torch.no_grad():
+        padded = model(**collate(examples, False, 512, tokenizer.pad_token_id), use_cache=False).loss
+        packed_batch = collate(examples, True, 512, tokenizer.pad_token_id)
+        packed = model(**packed_batch, use_cache=False).loss
+        # the same rows with positions NOT restarting: documents attend to each other
+        leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1]).expand_as(packed_batch["input_ids"]))
+        leaking = model(**leaky, use_cache=False).loss
+    assert packed_batch["input_ids"].shape[0] < len(examples)  # really packed
+    assert abs(packed.item() - padded.item()) < 1e-5
+    assert abs(leaking.item() - padded.item()) > 1e-3
+
+
+def test_train_is_seeded_and_learns(pipeline):
+    metrics = json.loads((pipeline / "metrics/train.json").read_text())
+    assert metrics["val_loss_after"] < metrics["val_loss_before"] - 1.0
+    assert metrics["train_loss_final"] == pytest.approx(EXPECTED_TRAIN_LOSS_FINAL, abs=1e-4)
+    curve = (pipeline / "plots/train_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,loss" and len(curve) - 1 == metrics["steps"]
+
+
+def test_adapter_loads_and_changes_the_model(pipeline):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(pipeline / "models/base").eval()
+    ids = torch.tensor([[1, 5, 9, 14, 22]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, pipeline / "models/adapter").eval()
+        after = tuned(ids).logits
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_merged_model_matches_base_plus_adapter(pipeline):
+    from peft import PeftModel
+
+    merged = AutoModelForCausalLM.from_pretrained(pipeline / "models/merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(pipeline / "models/base").eval()
+    tuned = PeftModel.from_pretrained(base, pipeline / "models/adapter").eval()
+    ids = torch.tensor([[1, 5, 9, 14, 22, 30]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/merged")
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    generation = json.loads((pipeline / "models/merged/generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids(IM_END) in generation["eos_token_id"]
+    assert (pipeline / "models/merged/model.safetensors").exists()
+    assert json.loads((pipeline / "metrics/merge.json").read_text())["max_abs_logit_diff"] < 1e-3
+
+
+def test_merged_model_answers_in_the_trained_format(pipeline):
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/merged")
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "models/merged").eval()
+    record = read_jsonl(pipeline / "data/split/test.jsonl")[0]
+    prompt = tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=40)
+    assert out[0, -1].item() in model.generation_config.eos_token_id  # stops on its own at <|im_end|>
+
+
+def test_xtuner_backend_is_dispatched_to_its_environment(workdir):
+    # in a folder without .venvs/xtuner the stage must say how to create it, not train with hf
+    write_params(workdir, {"train": {"backend": "xtuner"}})
+    from stages.common import StageError
+
+    with pytest.raises(StageError, match=r"\.venvs/xtuner/bin/python: missing; run TUNEPIPE_ENVS=xtuner"):
+        run_stage(workdir, "train")
