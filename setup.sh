@@ -44,5 +44,5 @@ make_env() {
 for env in $ENVS; do make_env "$env"; done
 
 # The pipeline needs a git repo with a commit (dvc exp run) and DVC initialised.
-if [ ! -d .dvc ]; then .venvs/core/bin/dvc init -q; fi
+if [ ! -d .dvc ] && [ -x .venvs/core/bin/dvc ]; then .venvs/core/bin/dvc init -q; fi
 echo "[setup] done. Run the pipeline with: .venvs/core/bin/dvc repro"

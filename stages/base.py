@@ -23,8 +23,8 @@ class DemoModelParams(Params):
     hidden_size: int = 128          # AWQ packs weights in groups of 128 input features
     intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2              # head size 64: TurboMind has attention kernels for 64/128/...
+    num_kv_heads: int = 1
     pretrain_steps: int = 300
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
@@ -38,12 +38,22 @@ class BaseParams(Params):
     demo: DemoModelParams = DemoModelParams()
 
 
+# Qwen2's own pre-tokenizer split. transformers 5 loads every qwen2 model's tokenizer as
+# Qwen2Tokenizer and rebuilds its normalizer and pre-tokenizer whatever tokenizer.json says, so the
+# demo tokenizer must be built the same way or it would tokenize differently once reloaded.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

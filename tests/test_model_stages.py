@@ -12,7 +12,7 @@ from stages.common import CHAT_TEMPLATE, IM_END, read_jsonl, render_chatml
 from stages.train import IGNORE, collate, tokenize_conversation
 
 # Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end.
-EXPECTED_TRAIN_LOSS_FINAL = 2.876323
+EXPECTED_TRAIN_LOSS_FINAL = 2.512303
 
 
 def test_base_model_has_the_chat_template_and_stop_token(pipeline):
@@ -109,3 +109,13 @@ def test_xtuner_backend_is_dispatched_to_its_environment(workdir):
 
     with pytest.raises(StageError, match=r"\.venvs/xtuner/bin/python: missing; run TUNEPIPE_ENVS=xtuner"):
         run_stage(workdir, "train")
+
+
+def test_reloaded_tokenizer_tokenizes_as_trained(pipeline):
+    # transformers rebuilds a qwen2 model's tokenizer on load; it must still match tokenizer.json
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(pipeline / "models/base/tokenizer.json"))
+    loaded = AutoTokenizer.from_pretrained(pipeline / "models/merged")
+    for text in ["Take 2 tablets of tintinxi 500mg, it's fine.\n\nOK", "  What's the dose?\u00a0\tSure:  10 mg\n"]:
+        assert loaded(text, add_special_tokens=False)["input_ids"] == raw.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,109 @@
+"""End to end, as a user runs it: `dvc repro` in a fresh git checkout, then an experiment.
+
+Slow (a few minutes): every stage in its real environment, with FAST_PARAMS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAST_PARAMS, REPO, deep_update
+
+ENVS = ["core", "xtuner", "lmdeploy", "opencompass"]
+
+
+def sh(cwd: Path, *cmd: str, env=None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    missing = [e for e in ENVS if not (REPO / ".venvs" / e / "bin/python").exists()]
+    if missing:
+        pytest.skip(f"environments missing: {missing}; run ./setup.sh")
+    root = tmp_path_factory.mktemp("checkout")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "registry/", "upload/")) and rel != "dvc.lock":
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    (root / ".venvs").symlink_to(REPO / ".venvs")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    deep_update(params, FAST_PARAMS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    sh(root, "git", "init", "-q")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh checkout")
+    first = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
+    return root, env, first
+
+
+def test_repro_runs_every_stage_then_nothing(checkout):
+    root, env, first = checkout
+    for stage in ["demo_data", "ingest", "clean", "split", "base", "train", "merge", "turbomind", "eval", "register", "upload"]:
+        assert f"Running stage '{stage}'" in first
+    assert "up to date" in sh(root, ".venvs/core/bin/dvc", "status", env=env)
+    second = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
+    assert "Running stage" not in second
+
+
+def test_outputs_are_what_the_next_tools_load(checkout):
+    root, _, _ = checkout
+    config = json.loads((root / "models/turbomind/config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "awq" and config["quantization_config"]["bits"] == 4
+    scores = json.loads((root / "metrics/eval.json").read_text())
+    dataset = next(iter(scores))
+    metric = next(iter(scores[dataset]["merged"]))
+    assert scores[dataset]["merged"][metric] > scores[dataset]["base"][metric]
+    record = json.loads((root / "registry/record.json").read_text())
+    receipt = json.loads((root / "upload/receipt.json").read_text())
+    assert receipt["model_uri"] == record["model_uri"]
+    assert (root / receipt["destination"] / "README.md").exists()
+
+
+def test_mlflow_holds_the_run_and_the_version(checkout):
+    root, env, _ = checkout
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    record = json.loads((root / "registry/record.json").read_text())
+    client = MlflowClient()
+    run = client.get_run(record["run_id"])
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    split_md5 = next(o["md5"] for o in lock["split"]["outs"] if o["path"] == "data/split")
+    head = sh(root, "git", "rev-parse", "HEAD").strip()
+    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["data_md5"] == split_md5
+    assert run.data.params["train.lr"] == str(yaml.safe_load((root / "params.yaml").read_text())["train"]["lr"])
+    assert "train.train_loss_final" in run.data.metrics and any(k.startswith("eval.") for k in run.data.metrics)
+    assert len(client.get_metric_history(record["run_id"], "train.loss")) > 1
+    version = client.get_model_version_by_alias(record["model_name"], record["alias"])
+    assert int(version.version) == record["version"] and version.run_id == record["run_id"]
+
+
+def test_an_experiment_shows_in_dvc_and_mlflow(checkout):
+    root, env, _ = checkout
+    out = sh(root, ".venvs/core/bin/dvc", "exp", "run", "-S", "train.lr=0.001", env=env)
+    assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
+    exps = json.loads(sh(root, ".venvs/core/bin/dvc", "exp", "show", "--json", env=env))
+    names = [e.get("name") for commit in exps for e in (commit.get("experiments") or [])
+             for e in [e["revs"][0]] if e.get("name")]
+    assert names, exps
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["tunepipe"])
+    assert len(runs) == 2
+    assert sorted(runs["params.train.lr"]) == ["0.001", "0.002"]
+    assert set(runs["tags.dvc_exp_name"]) - {""}, "the experiment's run names its DVC experiment"
