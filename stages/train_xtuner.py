@@ -1,0 +1,572 @@
+"""train, xtuner backend: LoRA SFT of the base model with xtuner 0.2, in .venvs/xtuner.
+
+    .venvs/xtuner/bin/python -m stages.train_xtuner --train data/split/train.jsonl \
+        --val data/split/val.jsonl --base models/base --out models/adapter \
+        --work-dir models/checkpoints/xtuner --metrics metrics/train.json \
+        --loss-plot plots/train_loss.csv
+
+Reads the `train` section of params.yaml (stages.train.TrainParams), writes an ordinary xtuner
+config from it to <work-dir>/inputs/xtuner_config.py, and runs xtuner's own tools on it in this process
+(`xtuner.tools.train`, then `xtuner.tools.model_converters.pth_to_hf`). Not the `xtuner` CLI: it
+re-launches `python` in a subprocess (so the shims in stages/shims.py would not reach it) and
+exits 0 when the command fails. To rerun a generated config by hand, from the repo root:
+
+    .venvs/xtuner/bin/python -m stages.shims xtuner.tools.train \
+        models/checkpoints/xtuner/inputs/xtuner_config.py --work-dir models/checkpoints/xtuner
+
+What xtuner sees, per conversation: the `messages` of each canonical record (written to
+<work-dir>/inputs/train.jsonl), mapped by xtuner's `openai_map_fn` and rendered with
+PROMPT_TEMPLATE.qwen_chat, which is the project's ChatML template (stages.common.CHAT_TEMPLATE):
+the loss is on the assistant turns and their <|im_end|>.
+
+How params map onto xtuner:
+- batch_size: conversations per optimizer step on one process (xtuner `batch_size`, no gradient
+  accumulation); with pack=true xtuner batches packed rows of max_length tokens, so it gets the
+  number of rows that holds batch_size conversations of the mean length (at least 1).
+- pack: xtuner's `pack_to_max_length`. Without flash-attn (CPU) xtuner cannot isolate packed
+  conversations from each other (`use_varlen_attn` needs flash-attn), so they attend across.
+- warmup_ratio: linear warmup over round(ratio * total steps) steps (none when that is 0), then
+  cosine decay to 0, so tiny data cannot produce an empty warmup ("end should be larger than
+  begin").
+- dtype: bfloat16 loads the base in bf16; xtuner's LoRA path (peft's prepare_model_for_kbit_
+  training) upcasts weights to fp32, and bf16 autocast (AmpOptimWrapper) exists only on a GPU.
+- gradient_checkpointing: SupervisedFinetune's `use_activation_checkpointing`.
+- seed: `randomness.seed` and the sampler's seed.
+- attn_implementation: sdpa or eager, passed to from_pretrained. The hf backend's other speed
+  options (quantize, step_tokens, pack_tokens other than max_length, loss_chunk_size, compile,
+  attn_implementation flex_attention/varlen) are refused with an error, not ignored.
+
+Outputs, the same files and metric names as the hf backend (stages/train.py): the adapter in
+PEFT format (adapter_config.json + adapter_model.safetensors, fp32), loaded by
+`PeftModel.from_pretrained(base, out)` in any env; the loss curve (step,epoch,loss per step, from
+xtuner's vis_data/scalars.json); metrics: train_loss_final, val_loss_before/after (base, and base
++ adapter, on --val), steps, train_tokens, tokens_per_s and runtime_s (over xtuner's iterations),
+runtime_total_s (all of xtuner.tools.train: model load, data prep, checkpoints), peak_memory_mb,
+trainable_params. Xtuner's checkpoints, logs and config dump stay in the work dir (earlier runs'
+are removed first: every run trains from scratch).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import resource
+import runpy
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from stages import shims
+from stages.common import (StageError, atomic_path, load_params, read_jsonl, render_chatml, resolve_base,
+                           run_stage, write_json)
+from stages.train import TrainParams
+
+# The generated config and xtuner's data live in <work-dir>/inputs/: mmengine's Runner dumps its
+# resolved copy of the config to <work-dir>/<config name>, which must not overwrite ours.
+INPUTS = "inputs"
+CONFIG_NAME = "xtuner_config.py"
+ROLES = {"system", "user", "assistant"}
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def load_conversations(path: Path) -> list[list[dict]]:
+    """The messages of each canonical record, checked for what xtuner's openai_map_fn accepts."""
+    if not path.is_file():
+        raise StageError(f"{path}: file not found")
+    try:
+        records = read_jsonl(path)
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    conversations = []
+    for line, rec in enumerate(records, start=1):
+        where = f"{path}: record {line} (id {rec.get('id', '?')})"
+        messages = rec.get("messages") if isinstance(rec, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise StageError(f"{where}: 'messages' must be a non-empty list")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise StageError(
+                    f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}} "
+                    f"(the xtuner backend has no tool turns), got {json.dumps(m, ensure_ascii=False)[:120]}"
+                )
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise StageError(f"{where}: no assistant message, nothing to train on")
+        problem = turn_order_problem(clean)
+        if problem:
+            raise StageError(f"{where}: {problem}")
+        conversations.append(clean)
+    return conversations
+
+
+def turn_order_problem(messages: list[dict]) -> str | None:
+    """xtuner's openai_map_fn renders ChatML exactly (token for token, tests/test_train_xtuner.py)
+    only for turns shaped ([system] user assistant)*, optionally ending in [system] user. Anything
+    else it renders differently from stages.common.CHAT_TEMPLATE (consecutive user messages are
+    glued together, a leading assistant message is dropped, a system message right before an
+    assistant gets an empty user turn), so it is refused rather than trained on silently."""
+    expect = {"system", "user"}
+    for i, m in enumerate(messages):
+        if m["role"] not in expect:
+            return (f"messages[{i}] is '{m['role']}' after '{messages[i - 1]['role'] if i else 'the start'}': "
+                    "the xtuner backend needs turns of [system] user assistant (its openai_map_fn "
+                    "would render anything else differently from the chat template)")
+        expect = {"user"} if m["role"] == "system" else {"assistant"} if m["role"] == "user" else {"system", "user"}
+    return None
+
+
+def write_messages_jsonl(path: Path, conversations: list[list[dict]]) -> None:
+    """xtuner's input: one {"messages": [...]} per line (the canonical record's other fields
+    have mixed types that `datasets` cannot always put in one arrow schema)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def encode(conversations: list[list[dict]], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
+    """Tokenize exactly as xtuner's process_hf_dataset does (its own map functions), to count
+    rows, steps and tokens before training, and to score the validation split after it.
+
+    Also the guard of "one chat template": the ids must be those of stages.common.render_chatml
+    (CHAT_TEMPLATE), else the model would be trained on a format nothing else renders."""
+    from xtuner.dataset.map_fns import openai_map_fn, template_map_fn
+    from xtuner.dataset.utils import encode_fn
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    out = []
+    for n, messages in enumerate(conversations, start=1):
+        example = openai_map_fn({"messages": messages})
+        example = template_map_fn(example, template=PROMPT_TEMPLATE.qwen_chat)
+        if not example["conversation"]:
+            continue
+        enc = encode_fn(example, tokenizer=tokenizer, max_length=max_length)
+        last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        expected = tokenizer(render_chatml(messages[:last_answer + 1]), add_special_tokens=False)["input_ids"]
+        if enc["input_ids"] != expected[:max_length]:
+            where = f"{source}: record {n}" if source else f"conversation {n}"
+            raise StageError(
+                f"{where}: xtuner's rendering (openai_map_fn + PROMPT_TEMPLATE.qwen_chat) does not give the "
+                f"tokens of the project's chat template with this tokenizer:\n  xtuner:   "
+                f"{tokenizer.decode(enc['input_ids'])[:300]!r}\n  template: {tokenizer.decode(expected)[:300]!r}")
+        if any(label >= 0 for label in enc["labels"]):
+            out.append(enc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule and config
+# ----------------------------------------------------------------------------------------------
+def unsupported_options(p: TrainParams) -> list[str]:
+    """hf-backend options (stages/train.py) that this backend cannot honour, set to non-default
+    values: refused rather than silently ignored."""
+    allowed = {"quantize": ("none",), "step_tokens": (None,), "loss_chunk_size": (0,), "compile": (False,),
+               "attn_implementation": ("sdpa", "eager"), "pack_tokens": (None, p.max_length)}
+    return [f"train.{name}={getattr(p, name)!r}" for name, ok in allowed.items()
+            if hasattr(p, name) and getattr(p, name) not in ok]
+
+
+def packed_rows(lengths: list[int], row_length: int, map_batch: int = 1000) -> tuple[int, int]:
+    """(rows, tokens kept) of xtuner's Packer (xtuner/dataset/utils.py), which `datasets.map`
+    calls on batches of 1000 conversations: it cuts the running concatenation into rows of
+    row_length, carries the remainder to the next batch, emits a batch whose whole concatenation
+    is shorter than a row as one short row, and drops the remainder left after the last batch.
+    (xtuner shuffles before packing, which can move the rare short rows; the count here is for
+    the file order.)"""
+    rows, kept, residual = 0, 0, 0
+    for start in range(0, len(lengths), map_batch):
+        total = residual + sum(lengths[start:start + map_batch])
+        if total >= row_length:
+            rows += total // row_length
+            kept += total // row_length * row_length
+            residual = total % row_length
+        else:
+            rows, kept, residual = rows + 1, kept + total, 0
+    return rows, kept
+
+
+def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
+    """Rows and tokens per epoch, steps and warmup, as xtuner will run them in one process."""
+    lengths = [len(e["input_ids"]) for e in encoded]
+    tokens = sum(lengths)
+    if p.pack:
+        # train.batch_size counts conversations per step; xtuner's counts packed rows: take the
+        # number of rows that holds batch_size conversations of the mean length
+        batch_rows = max(1, round(p.batch_size * tokens / len(encoded) / p.max_length))
+        rows, tokens = packed_rows(lengths, p.max_length)
+    else:
+        rows, batch_rows = len(encoded), p.batch_size
+    steps_per_epoch = max(1, math.ceil(rows / batch_rows))
+    total = steps_per_epoch * p.epochs
+    warmup = min(round(p.warmup_ratio * total), total - 1)
+    return {"rows_per_epoch": rows, "batch_rows": batch_rows, "tokens_per_epoch": tokens,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup}
+
+
+def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
+                  plan: dict, map_num_proc: int, use_amp: bool) -> str:
+    """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
+    r = repr
+    spe = plan["steps_per_epoch"]
+    w = plan["warmup_steps"]
+    # schedulers are given in epochs and converted by mmengine with the real epoch length;
+    # (w + 0.5) / spe epochs converts back to exactly w steps (int() truncates)
+    warmup_end = (w + 0.5) / spe if w > 0 else 0
+    llm_extra = f"\n        revision={r(revision)}," if revision else ""
+    if w > 0:
+        schedulers = """[
+    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_epochs,
+         convert_to_iter_based=True),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_epochs, end=max_epochs,
+         convert_to_iter_based=True),
+]"""
+    else:
+        schedulers = """[
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=0, end=max_epochs,
+         convert_to_iter_based=True),
+]"""
+    optim_type = "AmpOptimWrapper" if use_amp else "OptimWrapper"
+    amp = '\n    dtype="bfloat16",' if use_amp else ""
+    return f'''# xtuner 0.2 config generated by tunepipe's stages/train_xtuner.py from params.yaml `train`.
+# Regenerated on every run of the stage: change params.yaml, not this file.
+# Rerun by hand from the repo root (shims: stages/shims.py):
+#   .venvs/xtuner/bin/python -m stages.shims xtuner.tools.train {train_file.parent / CONFIG_NAME} \\
+#       --work-dir {train_file.parent.parent}
+import torch
+from datasets import load_dataset
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.visualization import LocalVisBackend, Visualizer
+from peft import LoraConfig
+from torch.optim import AdamW
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from xtuner.dataset import process_hf_dataset
+from xtuner.dataset.collate_fns import default_collate_fn
+from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
+from xtuner.engine.hooks import DatasetInfoHook
+from xtuner.engine.runner import TrainLoop
+from xtuner.model import SupervisedFinetune
+from xtuner.utils import PROMPT_TEMPLATE
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+pretrained_model_name_or_path = {r(base)}
+data_files = {r(str(train_file))}
+prompt_template = PROMPT_TEMPLATE.qwen_chat  # = ChatML, stages.common.CHAT_TEMPLATE
+max_length = {p.max_length}
+pack_to_max_length = {p.pack}
+use_varlen_attn = False
+map_num_proc = {map_num_proc}
+
+# per process; {"packed rows of max_length tokens holding about train.batch_size=" + str(p.batch_size) + " conversations" if p.pack else "conversations"}
+batch_size = {plan["batch_rows"]}
+accumulative_counts = 1
+dataloader_num_workers = 0
+max_epochs = {p.epochs}
+lr = {p.lr!r}
+betas = (0.9, 0.999)
+weight_decay = {p.weight_decay!r}
+max_norm = 1.0  # grad clip
+# tunepipe counted {plan["rows_per_epoch"]} rows -> {spe} steps per epoch, {plan["total_steps"]} in all;
+# warmup_ratio {p.warmup_ratio} -> {w} warmup steps
+warmup_epochs = {warmup_end!r}
+seed = {p.seed}
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=pretrained_model_name_or_path,
+    padding_side="right",
+)
+
+model = dict(
+    type=SupervisedFinetune,
+    use_varlen_attn=use_varlen_attn,
+    use_activation_checkpointing={p.gradient_checkpointing},
+    llm=dict(
+        type=AutoModelForCausalLM.from_pretrained,
+        pretrained_model_name_or_path=pretrained_model_name_or_path,{llm_extra}
+        dtype=torch.{p.dtype},
+        attn_implementation={getattr(p, "attn_implementation", "sdpa")!r},
+    ),
+    lora=dict(
+        type=LoraConfig,
+        r={p.lora.r},
+        lora_alpha={p.lora.alpha},
+        lora_dropout={p.lora.dropout!r},
+        target_modules={r(list(p.lora.target_modules))},
+        bias="none",
+        task_type="CAUSAL_LM",
+    ),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+train_dataset = dict(
+    type=process_hf_dataset,
+    dataset=dict(type=load_dataset, path="json", data_files=dict(train=data_files)),
+    tokenizer=tokenizer,
+    max_length=max_length,
+    dataset_map_fn=openai_map_fn,
+    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    remove_unused_columns=True,
+    shuffle_before_pack=True,
+    pack_to_max_length=pack_to_max_length,
+    use_varlen_attn=use_varlen_attn,
+    map_num_proc=map_num_proc,
+)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=train_dataset,
+    sampler=dict(type=DefaultSampler, shuffle=True, seed=seed),
+    collate_fn=dict(type=default_collate_fn, use_varlen_attn=use_varlen_attn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(
+    type={optim_type},
+    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,{amp}
+)
+
+param_scheduler = {schedulers}
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = [dict(type=DatasetInfoHook, tokenizer=tokenizer)]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval={spe}, max_keep_ckpts=2, save_last=True),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    dist_cfg=dict(backend="nccl"),
+)
+
+# per-step scalars (loss, lr) to <work_dir>/<timestamp>/vis_data/scalars.json
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=seed, deterministic=False)
+# window_size=1: every logged loss is that step's loss, not a running mean
+log_processor = dict(by_epoch=False, window_size=1, num_digits=6)
+'''
+
+
+# ----------------------------------------------------------------------------------------------
+# running xtuner's tools
+# ----------------------------------------------------------------------------------------------
+def clear_previous_run(work: Path) -> None:
+    """The stage trains from scratch every time: remove what an earlier run left in the work dir
+    (xtuner's checkpoints, log dirs, config dump, inputs), and only that."""
+    work.mkdir(parents=True, exist_ok=True)
+    for item in work.iterdir():
+        if item.is_dir() and (item.name == INPUTS or re.fullmatch(r"\d{8}_\d{6}", item.name)):
+            shutil.rmtree(item)
+        elif item.is_file() and (re.fullmatch(r"iter_\d+\.pth|epoch_\d+\.pth", item.name)
+                                 or item.name in ("last_checkpoint", CONFIG_NAME)):
+            item.unlink()
+
+
+def run_tool(module: str, args: list[str]) -> None:
+    """Run one of xtuner's tool modules as `python -m module args` would, in this process."""
+    saved = sys.argv
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # argparse errors and explicit exits
+        if e.code not in (None, 0):
+            raise StageError(f"{module} exited with {e.code}") from None
+    finally:
+        sys.argv = saved
+
+
+def read_scalars(log_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, seconds) per iteration, from mmengine's LocalVisBackend."""
+    path = log_dir / "vis_data" / "scalars.json"
+    if not path.is_file():
+        raise StageError(f"{path}: xtuner wrote no scalars (see its log in {log_dir})")
+    points = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "loss" in row:
+                # time: the whole iteration (data, forward, backward, step, hooks before it)
+                points[int(row["step"])] = (float(row["loss"]), float(row.get("time", 0.0)))
+    if not points:
+        raise StageError(f"{path}: no loss values")
+    return [(step, loss, t) for step, (loss, t) in sorted(points.items())]
+
+
+def mean_loss(model, encoded: list[dict]) -> float:
+    """Token-weighted mean loss over the labelled tokens of the encoded conversations."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in encoded:
+            labels = torch.tensor([e["labels"]], device=device)
+            n = int((labels[:, 1:] >= 0).sum())
+            if n:
+                loss = model(input_ids=torch.tensor([e["input_ids"]], device=device), labels=labels).loss
+                total += float(loss) * n
+                count += n
+    return total / count
+
+
+def validation_losses(base: str, revision: str | None, adapter: Path, encoded: list[dict],
+                      dtype: str) -> tuple[float, float]:
+    """Validation loss of the base model, then of base + the trained adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=getattr(torch, dtype)).to(device).eval()
+    before = mean_loss(model, encoded)
+    after = mean_loss(PeftModel.from_pretrained(model, str(adapter)).eval(), encoded)
+    return before, after
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", type=Path, required=True)
+    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--base", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work-dir", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--loss-plot", type=Path, required=True)
+    a = ap.parse_args(argv)
+
+    p = load_params("train", TrainParams)
+    unsupported = unsupported_options(p)
+    if unsupported:
+        raise StageError(f"params.yaml: {', '.join(unsupported)}: not supported by train.backend=xtuner "
+                         "(hf backend only); set them back to their defaults or use train.backend=hf")
+    if not (a.base / "manifest.json").is_file():
+        raise StageError(f"{a.base}/manifest.json: not found (run the base stage first)")
+    base, revision = resolve_base(a.base)
+    train_convs = load_conversations(a.train)
+    val_convs = load_conversations(a.val)
+    if not train_convs:
+        raise StageError(f"{a.train}: no records")
+
+    applied = shims.apply("xtuner")
+    print(f"[train_xtuner] shims applied: {', '.join(applied) or 'none'}", flush=True)
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+    train_enc = encode(train_convs, tokenizer, p.max_length, a.train)
+    if not train_enc:
+        raise StageError(f"{a.train}: no conversation has an assistant token within max_length={p.max_length}")
+    val_enc = encode(val_convs, tokenizer, p.max_length, a.val)
+    if not val_enc:
+        raise StageError(f"{a.val}: no conversation has an assistant token within max_length={p.max_length}")
+    plan = plan_steps(p, train_enc)
+    use_amp = p.dtype == "bfloat16" and torch.cuda.is_available()
+    if p.dtype == "bfloat16" and not use_amp:
+        print("[train_xtuner] note: dtype=bfloat16 on CPU: xtuner's LoRA path upcasts to fp32 and "
+              "bf16 autocast needs a GPU, so this trains in fp32 on bf16-rounded base weights", flush=True)
+
+    # xtuner's inputs and config live in the work dir, so a user can read and rerun them
+    work = a.work_dir
+    clear_previous_run(work)
+    train_file = work / INPUTS / "train.jsonl"
+    write_messages_jsonl(train_file, train_convs)
+    config = work / INPUTS / CONFIG_NAME
+    map_num_proc = 1 if len(train_convs) < 20000 else min(4, os.cpu_count() or 1)
+    with atomic_path(config) as tmp:
+        tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
+                                     map_num_proc=map_num_proc, use_amp=use_amp), encoding="utf-8")
+    print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
+
+    # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
+    before = {d.name for d in work.iterdir() if d.is_dir()}
+    t0 = time.perf_counter()
+    run_tool("xtuner.tools.train", [str(config), "--work-dir", str(work)])
+    total_time = time.perf_counter() - t0
+    new_dirs = sorted(d for d in work.iterdir() if d.is_dir() and d.name not in before and d.name[:1].isdigit())
+    if not new_dirs or not (work / "last_checkpoint").is_file():
+        raise StageError(f"{work}: xtuner finished without a log dir or last_checkpoint")
+    log_dir = new_dirs[-1]
+    checkpoint = Path((work / "last_checkpoint").read_text(encoding="utf-8").strip())
+    losses = read_scalars(log_dir)
+
+    # convert: the .pth (LoRA weights + optimizer) -> PEFT adapter, safetensors, fp32
+    with atomic_path(a.out, is_dir=True) as tmp_out:
+        run_tool("xtuner.tools.model_converters.pth_to_hf",
+                 [str(config), str(checkpoint), str(tmp_out), "--safe-serialization", "--fp32"])
+        if not (tmp_out / "adapter_model.safetensors").is_file():
+            raise StageError(f"pth_to_hf wrote no adapter_model.safetensors from {checkpoint}")
+        val_before, val_after = validation_losses(base, revision, tmp_out, val_enc, p.dtype)
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_out / "adapter_model.safetensors"), "pt") as f:
+            trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    # the same files and metric names as the hf backend (stages/train.py)
+    steps = losses[-1][0]
+    steps_per_epoch = max(1, steps // p.epochs)  # xtuner's TrainLoop: epochs * len(dataloader)
+    with atomic_path(a.loss_plot) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss"])
+        w.writerows((step, math.ceil(step / steps_per_epoch), round(loss, 6)) for step, loss, _ in losses)
+
+    runtime = sum(t for _, _, t in losses)
+    tokens = plan["tokens_per_epoch"] * p.epochs
+    metrics = {
+        "train_loss_final": round(losses[-1][1], 6),
+        "val_loss_before": round(val_before, 6),
+        "val_loss_after": round(val_after, 6),
+        "steps": steps,
+        "train_tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else 0.0,
+        "runtime_s": round(runtime, 2),
+        "runtime_total_s": round(total_time, 2),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "trainable_params": trainable,
+    }
+    write_json(a.metrics, metrics)
+    print(f"[train_xtuner] {json.dumps(metrics)}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

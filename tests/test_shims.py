@@ -1,0 +1,134 @@
+"""Every shim in stages/shims.py stands for an upstream breakage. The `test_still_broken_*` tests
+assert that the breakage is still there, in the environment the shim is for: when one FAILS,
+upstream was fixed (or the env changed), and the shim and its test should be removed.
+The last tests check that the shims do make the tools work.
+
+They run in .venvs/xtuner (./setup.sh, or TUNEPIPE_ENVS=xtuner ./setup.sh), through subprocesses,
+whichever env runs pytest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+XTUNER_PY = ROOT / ".venvs" / "xtuner" / "bin" / "python"
+
+pytestmark = pytest.mark.skipif(
+    not XTUNER_PY.exists(),
+    reason=f"{XTUNER_PY.relative_to(ROOT)} missing: build it with `TUNEPIPE_ENVS=xtuner ./setup.sh`",
+)
+
+sys.path.insert(0, str(ROOT))
+from stages import shims  # noqa: E402  (standard library only)
+
+
+def run_xtuner_py(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(XTUNER_PY), "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# One process gathers the facts, in the order the shims are applied, each checked with only the
+# shims before it (which it needs to get that far) applied.
+FACTS_SCRIPT = r"""
+import json, sys
+from stages import shims
+facts = {}
+
+import torch
+facts["torch_version"] = torch.__version__
+facts["torch_cpu_has_is_bf16_supported"] = hasattr(torch.cpu, "is_bf16_supported")
+
+import transformers, transformers.utils
+facts["transformers_version"] = transformers.__version__
+facts["transformers_has_is_safetensors_available"] = hasattr(transformers.utils, "is_safetensors_available")
+
+import importlib.util
+facts["torchvision_installed"] = importlib.util.find_spec("torchvision") is not None
+shims.apply("xtuner", skip=("xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos"))
+try:
+    import xtuner.dataset
+    facts["import_xtuner_dataset_error"] = None
+except Exception as e:
+    facts["import_xtuner_dataset_error"] = f"{type(e).__name__}: {e}"
+
+shims.apply("xtuner", skip=("xtuner_bos_for_tokenizers_without_bos",))
+from xtuner.dataset.utils import get_bos_eos_token_ids
+from transformers import Qwen2Tokenizer
+tok = Qwen2Tokenizer(vocab={"a": 0, "b": 1, "<|im_end|>": 2}, merges=[], eos_token="<|im_end|>", unk_token=None)
+facts["qwen2_tokenizer_class"] = type(tok).__name__
+facts["xtuner_bos_for_qwen2_without_bos"] = get_bos_eos_token_ids(tok)[0]
+print("FACTS=" + json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="module")
+def facts() -> dict:
+    proc = run_xtuner_py(FACTS_SCRIPT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FACTS=")), None)
+    assert line, f"fact-finding script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("FACTS="):])
+
+
+def test_every_shim_has_a_test():
+    tested = {"torch_cpu_is_bf16_supported", "transformers_is_safetensors_available",
+              "xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos"}
+    assert set(shims.names("xtuner")) == tested, "a shim was added or removed: update tests/test_shims.py"
+
+
+def test_still_broken_torch_cpu_is_bf16_supported(facts):
+    assert not facts["torch_cpu_has_is_bf16_supported"], (
+        f"torch {facts['torch_version']} now has torch.cpu.is_bf16_supported: "
+        "remove shims.torch_cpu_is_bf16_supported")
+
+
+def test_still_broken_transformers_is_safetensors_available(facts):
+    assert not facts["transformers_has_is_safetensors_available"], (
+        f"transformers {facts['transformers_version']} has utils.is_safetensors_available again: "
+        "remove shims.transformers_is_safetensors_available")
+
+
+def test_still_broken_xtuner_needs_torchvision(facts):
+    error = facts["import_xtuner_dataset_error"]
+    assert not facts["torchvision_installed"] and error and "torchvision" in error, (
+        "`import xtuner.dataset` no longer fails for want of torchvision "
+        f"(torchvision installed: {facts['torchvision_installed']}, error: {error}): "
+        "remove shims.xtuner_internvl_without_torchvision")
+
+
+def test_still_broken_xtuner_bos_for_transformers5_qwen2_tokenizer(facts):
+    assert facts["qwen2_tokenizer_class"] not in ("QWenTokenizer", "QWen2Tokenizer", "Qwen2TokenizerFast")
+    assert facts["xtuner_bos_for_qwen2_without_bos"] is None, (
+        "xtuner's get_bos_eos_token_ids now handles a BOS-less tokenizer "
+        f"({facts['qwen2_tokenizer_class']}): remove shims.xtuner_bos_for_tokenizers_without_bos")
+
+
+def test_shims_make_xtuner_tools_run():
+    """With the shims, xtuner's tool modules import and run (here: pth_to_hf --help, through
+    `python -m stages.shims`, the way a user reruns a generated config)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [str(XTUNER_PY), "-m", "stages.shims", "xtuner.tools.model_converters.pth_to_hf", "--help"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Convert the pth model to HuggingFace model" in proc.stdout
+
+
+def test_shims_apply_is_idempotent_and_patches():
+    proc = run_xtuner_py(
+        "from stages import shims\n"
+        "first = shims.apply('xtuner'); second = shims.apply('xtuner')\n"
+        "import torch, transformers.utils as u, xtuner.dataset.utils as x\n"
+        "assert isinstance(torch.cpu.is_bf16_supported(), bool)\n"
+        "assert u.is_safetensors_available()\n"
+        "class T: bos_token_id = None; eos_token_id = 2\n"
+        "assert x.get_bos_eos_token_ids(T()) == ([], [2])\n"
+        "print('APPLIED', first, second)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "APPLIED" in proc.stdout and proc.stdout.strip().endswith("[]"), proc.stdout

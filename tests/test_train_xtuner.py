@@ -1,0 +1,225 @@
+"""train, xtuner backend (stages/train_xtuner.py), end to end in its own environment.
+
+A tiny Qwen2 (stages.base.build_tiny_model) and ~20 tiny conversations in a temporary folder;
+the stage runs twice in .venvs/xtuner through a subprocess, as dvc runs it. Checked here, in the
+env that runs pytest: the adapter loads with PeftModel.from_pretrained and changes the model's
+output; the loss curve has a row per step and goes down; the same seed gives the same losses;
+xtuner's tokens are the chat template's tokens. About a minute on two CPU cores.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+XTUNER_PY = ROOT / ".venvs" / "xtuner" / "bin" / "python"
+
+pytestmark = pytest.mark.skipif(
+    not XTUNER_PY.exists(),
+    reason=f"{XTUNER_PY.relative_to(ROOT)} missing: build it with `TUNEPIPE_ENVS=xtuner ./setup.sh`",
+)
+
+PARAMS = {"train": {"backend": "xtuner", "seed": 7, "epochs": 3, "lr": 1.0e-2, "batch_size": 4,
+                    "max_length": 128, "pack": False, "warmup_ratio": 0.1,
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}}
+ARGS = ["--train", "data/split/train.jsonl", "--val", "data/split/val.jsonl", "--base", "models/base",
+        "--work-dir", "models/checkpoints/xtuner"]
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+THINGS = ["sky", "grass", "sun", "snow", "coal", "milk", "plum", "carrot"]
+
+
+def conversations() -> list[list[dict]]:
+    convs = []
+    for i in range(24):
+        thing, color = THINGS[i % 8], COLORS[(i * 3) % 8]
+        messages = [{"role": "system", "content": "You answer briefly."}] if i % 2 == 0 else []
+        messages += [{"role": "user", "content": f"What color is the {thing}?"},
+                     {"role": "assistant", "content": f"The {thing} is {color}."}]
+        if i % 5 == 0:  # a few two-turn conversations
+            messages += [{"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "Yes."}]
+        convs.append(messages)
+    return convs
+
+
+def write_records(path: Path, convs: list[list[dict]]) -> None:
+    from stages.common import content_id
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row, messages in enumerate(convs):
+            record = {"id": content_id(messages), "source": {"file": "test", "row": row}, "messages": messages,
+                      "meta": {}}
+            f.write(json.dumps(record) + "\n")
+
+
+def build_base(folder: Path, convs: list[list[dict]]) -> None:
+    """The demo base model of stages/base.py, smaller, pre-trained on a few of the conversations
+    only (so it knows the template, not the answers)."""
+    from stages.base import DemoModelParams, build_tiny_model, save_portable_tokenizer
+    from stages.common import render_chatml
+
+    texts = [render_chatml(m) for m in convs[:4]] + ["The sky is above. There are many colors."]
+    p = DemoModelParams(vocab_size=400, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, pretrain_steps=30, pretrain_batch=8)
+    model, tokenizer, _ = build_tiny_model(texts, p, seed=0, progress=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_portable_tokenizer(tokenizer, folder)
+    (folder / "manifest.json").write_text(json.dumps({"source": "demo"}))
+
+
+def run_stage(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(XTUNER_PY), "-m", "stages.train_xtuner", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def train(folder: Path, tag: str) -> dict:
+    proc = run_stage(folder, *ARGS, "--out", f"models/adapter-{tag}", "--metrics", f"metrics/train-{tag}.json",
+                     "--loss-plot", f"plots/train_loss-{tag}.csv")
+    assert proc.returncode == 0, f"stage failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(folder / f"plots/train_loss-{tag}.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    return {"metrics": json.loads((folder / f"metrics/train-{tag}.json").read_text()), "curve": curve,
+            "adapter": folder / f"models/adapter-{tag}", "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xtuner")
+    convs = conversations()
+    write_records(folder / "data/split/train.jsonl", convs[:20])
+    write_records(folder / "data/split/val.jsonl", convs[20:])
+    build_base(folder / "models/base", convs)
+    (folder / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    first = train(folder, "a")
+    second = train(folder, "b")  # same work dir: the stage clears the first run's checkpoints
+    return folder, first, second
+
+
+def test_adapter_is_peft_safetensors_and_changes_the_model(trained):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, first, _ = trained
+    adapter = first["adapter"]
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.glob("*.bin"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+
+    base = folder / "models/base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What color is the sky?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        before = model(**ids).logits
+        adapted = PeftModel.from_pretrained(model, str(adapter)).eval()
+        after = adapted(**ids).logits
+    assert (after - before).abs().max().item() > 1e-2
+
+
+def test_loss_curve_has_every_step_and_goes_down(trained):
+    _, first, _ = trained
+    curve, metrics = first["curve"], first["metrics"]
+    assert list(curve[0]) == ["step", "epoch", "loss"]
+    steps = [int(r["step"]) for r in curve]
+    assert steps == list(range(1, metrics["steps"] + 1)) and metrics["steps"] == 15  # 20 convs / 4 x 3 epochs
+    assert [int(r["epoch"]) for r in curve] == [1] * 5 + [2] * 5 + [3] * 5
+    losses = [float(r["loss"]) for r in curve]
+    first_epoch, last_epoch = sum(losses[:5]) / 5, sum(losses[-5:]) / 5  # batches of 4 are noisy
+    assert last_epoch < first_epoch - 0.3
+    assert metrics["train_loss_final"] == pytest.approx(losses[-1])
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+
+
+def test_metrics_are_numbers_named_like_the_hf_backend(trained):
+    _, first, _ = trained
+    metrics = first["metrics"]
+    for key in ["train_loss_final", "val_loss_before", "val_loss_after", "steps", "train_tokens", "tokens_per_s",
+                "runtime_s", "peak_memory_mb", "trainable_params"]:
+        assert key in metrics
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics["tokens_per_s"] > 0 and metrics["trainable_params"] > 0
+
+
+def test_same_seed_same_losses(trained):
+    _, first, second = trained
+    assert second["metrics"]["train_loss_final"] == first["metrics"]["train_loss_final"]
+    assert [r["loss"] for r in second["curve"]] == [r["loss"] for r in first["curve"]]
+
+
+def test_generated_config_is_kept_and_runs_are_not_mixed(trained):
+    folder, _, second = trained
+    work = folder / "models/checkpoints/xtuner"
+    config = (work / "inputs/xtuner_config.py").read_text()
+    assert "randomness = dict(seed=seed" in config and "seed = 7" in config
+    assert "prompt_template = PROMPT_TEMPLATE.qwen_chat" in config and "openai_map_fn" in config
+    assert len([d for d in work.iterdir() if d.is_dir() and d.name[:1].isdigit()]) == 1  # one run's logs
+    assert "shims applied" in second["log"]
+
+
+XTUNER_TOKENS_SCRIPT = r"""
+import json, sys
+from stages import shims
+shims.apply("xtuner")
+from transformers import AutoTokenizer
+from stages.train_xtuner import encode, load_conversations
+tokenizer = AutoTokenizer.from_pretrained("models/base")
+out = []
+for messages in load_conversations(__import__("pathlib").Path("data/split/train.jsonl")):
+    enc = encode([messages], tokenizer, 10_000)[0]
+    template = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    trained_text = tokenizer.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l >= 0])
+    out.append({"same": enc["input_ids"] == list(template), "trained": trained_text})
+# a tokenizer with a BOS token: xtuner would put it in front, the chat template does not
+from stages.common import StageError
+tokenizer.bos_token = "<|endoftext|>"
+try:
+    encode(load_conversations(__import__("pathlib").Path("data/split/train.jsonl"))[:1], tokenizer, 512)
+    mismatch = None
+except StageError as e:
+    mismatch = str(e)
+print("TOKENS=" + json.dumps({"rows": out, "mismatch": mismatch}))
+"""
+
+
+def test_xtuner_trains_on_the_chat_template_tokens(trained):
+    """One chat template: xtuner's openai_map_fn + PROMPT_TEMPLATE.qwen_chat give exactly the tokens
+    of stages.common.CHAT_TEMPLATE, with the loss on the answers and their <|im_end|>."""
+    folder, _, _ = trained
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(XTUNER_PY), "-c", XTUNER_TOKENS_SCRIPT], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=240)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS=")), None)
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[len("TOKENS="):])
+    rows = result["rows"]
+    convs = conversations()[:20]
+    assert len(rows) == 20 and all(r["same"] for r in rows)
+    for row, messages in zip(rows, convs):
+        answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert row["trained"] == "".join(answers)
+    # and the stage refuses a tokenizer with which xtuner would render something else
+    assert result["mismatch"] and "does not give the tokens of the project's chat template" in result["mismatch"]
+
+
+def test_bad_turn_order_is_a_clear_error(tmp_path):
+    write_records(tmp_path / "train.jsonl", [[{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                              {"role": "assistant", "content": "c"}]])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/manifest.json").write_text(json.dumps({"source": "demo"}))
+    proc = run_stage(tmp_path, "--train", "train.jsonl", "--val", "train.jsonl", "--base", "base", "--out", "out",
+                     "--work-dir", "work", "--metrics", "m.json", "--loss-plot", "l.csv")
+    assert proc.returncode == 1
+    assert "train.jsonl: record 1" in proc.stderr and "messages[1] is 'user' after 'user'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
