@@ -1,45 +1,599 @@
 """clean: normalise text and drop rows that would teach the model nothing or the wrong thing.
 
-Every dropped row goes to the rejected file with its reason; rows in = kept + rejected.
+Every rule is switchable in params.yaml `clean`; every dropped row goes to the rejected file with
+its reason, so rows in = kept + rejected, in total and for each source. In order:
+  1. text fixes (counted, nothing dropped): mojibake (ftfy), Unicode NFKC (full-width spaces, NBSP;
+     Chinese full-width punctuation, ①②③, superscripts and fractions kept), HTML tags and entities,
+     whitespace, punctuation a turn starts with ("，..."), PII redaction (mainland mobile and
+     landline numbers, ID-card numbers, bank cards, emails)
+  2. per-row checks: replacement characters (U+FFFD, "锟斤拷"), turn structure, empty turns,
+     placeholder questions and answers, length in characters, domain keywords, identical pairs
+  3. exact duplicates (after the fixes), tokens of the base tokenizer (optional)
+  4. near-duplicates: MinHash LSH (datasketch) over character n-grams; dropped, or kept and grouped
+     so that split never puts one group on both sides
+  5. the same question with different answers: always reported (conflicts file); policy in params
+  6. an optional LLM judge through any OpenAI-compatible endpoint, cached by content hash
+The data card: metrics (counts by source and reason, fixes, redactions, lengths) and
+plots/lengths.csv (a histogram of prompt and answer lengths in characters).
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import hashlib
+import html
+import os
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Literal
 
-from stages.common import Params, content_id, load_params, read_jsonl, run_stage, write_json, write_jsonl
+import numpy as np
+import orjson
+
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.records import answer_text, prompt_key, read_records, record_id, source_label, write_records
+
+# ----------------------------------------------------------------------------------------------
+# params
+# ----------------------------------------------------------------------------------------------
+DEFAULT_JUDGE_PROMPT = (
+    "You grade training data for a domain assistant. Rate how correct, helpful and safe the "
+    "assistant's answer is, from 1 (useless or wrong) to 10 (excellent). Reply with the number only.\n\n"
+    "{conversation}")
+
+
+class NearDuplicates(Params):
+    enabled: bool = True
+    threshold: float = 0.85             # estimated Jaccard similarity of character n-gram sets
+    ngram: int = 5
+    num_perm: int = 64                  # MinHash permutations (more: better estimates, slower)
+    action: Literal["drop", "group"] = "drop"   # group: keep all, split keeps each group together
+    seed: int = 1
+
+
+class Pii(Params):
+    enabled: bool = True
+    kinds: list[Literal["mobile", "landline", "id_card", "bank_card", "email"]] = [
+        "mobile", "landline", "id_card", "bank_card", "email"]
+    action: Literal["redact", "reject"] = "redact"
+
+
+class Judge(Params):
+    enabled: bool = False
+    url: str = "http://127.0.0.1:8000/v1"   # any OpenAI-compatible API; /chat/completions is appended
+    model: str = ""
+    api_key_env: str = "TUNEPIPE_JUDGE_API_KEY"  # the key comes from this environment variable only
+    prompt: str = DEFAULT_JUDGE_PROMPT      # {conversation} is replaced by the rendered conversation
+    min_score: float = 6.0                  # rows scored below are rejected (judge_low_score)
+    max_workers: int = 4
+    timeout_s: float = 60.0
+    retries: int = 2
 
 
 class CleanParams(Params):
     normalize_unicode: bool = True      # NFKC: full-width forms, NBSP and the like to plain text
+    keep_cjk_punctuation: bool = True   # ...but keep ，：？（） etc., ①②③, superscripts and fractions
+    fix_mojibake: bool = True           # UTF-8 read as Latin-1/cp1252 ("Ã©", "ä¸­æ–‡"), via ftfy
+    replacement_char: Literal["reject", "strip", "keep"] = "reject"  # U+FFFD: bytes lost before us
+    strip_html: bool = True
     collapse_whitespace: bool = True
+    strip_leading_punctuation: bool = True  # a turn starting with "，" or "。" (a cut-off sentence)
     placeholder_answers: list[str] = ["No answers", "Unanswerable", "N/A", "无"]
+    placeholder_questions: bool = True  # the placeholder list applies to questions too
+    min_chars: int = 0                  # characters of the whole conversation (or text chunk)
+    max_chars: int | None = None
+    min_answer_chars: int = 0
+    min_tokens: int = 0                 # tokens of the base tokenizer (loaded only if either is set)
+    max_tokens: int | None = None
+    tokenizer: str = "models/base"      # the base stage's folder (its manifest names the tokenizer)
+    include_keywords: list[str] = []    # keep only rows mentioning one of these (off_domain)
+    exclude_keywords: list[str] = []    # drop rows mentioning any of these (excluded_keyword)
     drop_duplicates: bool = True        # exact duplicates after normalisation
+    near_duplicates: NearDuplicates = NearDuplicates()
+    conflicting_answers: Literal["keep", "keep_first", "drop"] = "keep"  # always reported
+    pii: Pii = Pii()
+    judge: Judge = Judge()
 
 
-SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+# ----------------------------------------------------------------------------------------------
+# 1. text fixes: each returns the new text; a cheap search first, so clean text costs little
+# ----------------------------------------------------------------------------------------------
+KEEP = "".join(chr(c) for c in [*range(0xFF01, 0xFF10), *range(0xFF1A, 0xFF21), *range(0xFF3B, 0xFF41),
+                                *range(0xFF5B, 0xFF61), 0xB2, 0xB3, 0xB9, *range(0x2070, 0x20A0),
+                                *range(0xBC, 0xBF), *range(0x2150, 0x2160), *range(0x2460, 0x2500),
+                                *range(0x3251, 0x3260), *range(0x32B1, 0x32C0)])
 
 
-def normalize(text: str, p: CleanParams) -> str:
-    if p.normalize_unicode:
-        text = unicodedata.normalize("NFKC", text)
-    if p.collapse_whitespace:
-        text = "\n".join(SPACES.sub(" ", line).strip() for line in text.strip().splitlines())
-    return text
+def compat_class(keep: str) -> re.Pattern:
+    """Runs of characters that NFKC changes (BMP), except those in `keep`."""
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000 and chr(c) not in keep
+             and unicodedata.normalize("NFKC", chr(c)) != chr(c)]
+    return re.compile("[" + "".join(re.escape(c) for c in chars) + "]+")
 
 
-def rejection(record: dict, placeholders: set[str]) -> str | None:
-    """Why a normalised record is unusable for SFT, or None if it is fine."""
-    roles = [m["role"] for m in record["messages"]]
-    if "user" not in roles or roles[-1] != "assistant":
-        return "no_user_assistant_pair"
-    if any(not m["content"] for m in record["messages"] if m["role"] in ("user", "assistant")):
-        return "empty_turn"
-    if record["messages"][-1]["content"].casefold() in placeholders:
-        return "placeholder_answer"
+MOJIBAKE = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+                      "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
+HTML_TAG = re.compile(r"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:p|br|div|span|a|b|i|u|em|strong|ul|ol|li"
+                      r"|table|thead|tbody|tr|td|th|h[1-6]|img|font|sup|sub|hr|pre|code|blockquote|center|small|big"
+                      r"|section|article|header|footer|nav|label|dl|dt|dd)(?:\s[^<>]*)?/?>", re.I | re.S)
+HTML_BLOCK = re.compile(r"</?(?:p|br|div|li|tr|h[1-6]|table|ul|ol|pre|blockquote|hr|dd|dt)\b", re.I)
+HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
+WS_WORK = re.compile(r"[ \t]{2,}|[\t\r\f\v\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
+                     r"\x00-\x08\x0b-\x1f\x7f-\x9f]| \n|\n |\n{3,}|^\s|\s$")
+SPACES = re.compile(r"[ \t\f\v\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+INVISIBLE = re.compile(r"[\u200b-\u200d\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+LEADING_PUNCT = re.compile(r"^[，,。.、；;：:？?）)\s]+(?=\S)")  # what no sentence starts with
+BROKEN = re.compile("\ufffd|锟斤拷|烫烫烫|屯屯屯")
+
+PII_PATTERNS = {
+    "email": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "[EMAIL]"),
+    "id_card": (r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+                r"(?![0-9A-Za-z])", "[ID_CARD]"),
+    "bank_card": (r"(?<![0-9A-Za-z])[1-9]\d{15,18}(?![0-9A-Za-z])", "[BANK_CARD]"),
+    "mobile": (r"(?<![0-9A-Za-z])(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?![0-9A-Za-z])", "[PHONE]"),
+    "landline": (r"(?<![0-9A-Za-z])(?:\(0\d{2,3}\)|0\d{2,3}-)\d{7,8}(?![0-9A-Za-z])", "[PHONE]"),
+}
+PII_HINT = re.compile(r"\d{7}|\d{3}[- ]\d{4}|@")  # nothing to redact without one of these
+
+
+def id_card_ok(number: str) -> bool:
+    """GB 11643 check digit of a mainland resident ID number."""
+    weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+    return "10X98765432"[sum(int(d) * w for d, w in zip(number, weights)) % 11] == number[-1].upper()
+
+
+def luhn_ok(number: str) -> bool:
+    digits = [int(d) for d in number][::-1]
+    return sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2) for i, d in enumerate(digits)) % 10 == 0
+
+
+class TextFixer:
+    """The text fixes of step 1, configured once; counts what each one changed."""
+
+    def __init__(self, p: CleanParams):
+        self.p = p
+        self.compat = compat_class(KEEP if p.keep_cjk_punctuation else "") if p.normalize_unicode else None
+        self.fixes: Counter = Counter()
+        self.redactions: Counter = Counter()
+        kinds = [k for k in PII_PATTERNS if k in p.pii.kinds] if p.pii.enabled else []
+        self.pii = re.compile("|".join(f"(?P<{k}>{PII_PATTERNS[k][0]})" for k in kinds)) if kinds else None
+
+    def text(self, text: str) -> str:
+        p, before = self.p, text
+        if p.fix_mojibake and MOJIBAKE.search(text):
+            import ftfy
+
+            text = ftfy.fix_encoding(text)
+            if text != before:
+                self.fixes["mojibake"] += 1
+        if self.compat is not None and (self.compat.search(text) or not unicodedata.is_normalized("NFC", text)):
+            fixed = unicodedata.normalize("NFC", self.compat.sub(lambda m: unicodedata.normalize("NFKC", m[0]), text))
+            if fixed != text:
+                self.fixes["unicode"] += 1
+                text = fixed
+        if p.strip_html and ("<" in text or "&" in text):
+            fixed = HTML_TAG.sub(lambda m: "\n" if HTML_BLOCK.match(m[0]) else "", text)
+            fixed = html.unescape(fixed) if HTML_ENTITY.search(fixed) else fixed
+            if fixed != text:
+                self.fixes["html"] += 1
+                text = fixed
+        if p.replacement_char == "strip" and "\ufffd" in text:
+            self.fixes["replacement_char_stripped"] += 1
+            text = text.replace("\ufffd", "")
+        if p.collapse_whitespace and WS_WORK.search(text):
+            fixed = INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+            fixed = "\n".join(SPACES.sub(" ", line).strip() for line in fixed.strip().split("\n"))
+            fixed = re.sub(r"\n{3,}", "\n\n", fixed)
+            if fixed != text:
+                self.fixes["whitespace"] += 1
+                text = fixed
+        if p.strip_leading_punctuation and text and text[0] in "，,。.、；;：:？?）) " and (m := LEADING_PUNCT.match(text)):
+            if not text.startswith(("...", "..")):
+                self.fixes["leading_punctuation"] += 1
+                text = text[m.end():]
+        if self.pii is not None and PII_HINT.search(text):
+            text = self.pii.sub(self.redact, text)
+        return text
+
+    def redact(self, m: re.Match) -> str:
+        kind, value = m.lastgroup, m[0]
+        if kind == "id_card" and not id_card_ok(value):
+            return value
+        if kind == "bank_card" and not luhn_ok(value):
+            return value
+        self.redactions[kind] += 1
+        return PII_PATTERNS[kind][1]
+
+    def record(self, record: dict) -> dict:
+        messages = []
+        for m in record["messages"]:
+            content = self.text(m["content"])
+            if "tool_calls" in m and content != m["content"] and self.pii is not None:
+                m = {**m, "tool_calls": orjson.loads(self.pii.sub(self.redact, orjson.dumps(m["tool_calls"]).decode()))}
+            messages.append({**m, "content": content} if content != m["content"] else m)
+        record = {**record, "messages": messages}
+        if record.get("rejected") is not None:
+            record["rejected"] = {**record["rejected"], "content": self.text(record["rejected"]["content"])}
+        if record.get("text") is not None:
+            record["text"] = self.text(record["text"])
+        record["id"] = record_id(record)
+        return record
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. per-row checks
+# ----------------------------------------------------------------------------------------------
+def keyword_pattern(words: list[str]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))), re.I) if words else None
+
+
+def check(record: dict, p: CleanParams, placeholders: set[str], include, exclude) -> str | None:
+    """Why a fixed record is unusable, or None if it is fine."""
+    text = record.get("text")
+    contents = [text] if text is not None else [m["content"] for m in record["messages"]]
+    if record.get("rejected") is not None:
+        contents.append(record["rejected"]["content"])
+    if p.replacement_char == "reject" and any(BROKEN.search(c) for c in contents):
+        return "replacement_char"
+    if p.pii.enabled and p.pii.action == "reject" and any(tag in c for c in contents
+                                                          for tag in ("[PHONE]", "[ID_CARD]", "[EMAIL]", "[BANK_CARD]")):
+        return "pii"
+    if text is not None:
+        if not text.strip():
+            return "empty_text"
+    else:
+        roles = [m["role"] for m in record["messages"]]
+        if "user" not in roles or roles[-1] != "assistant":
+            return "no_user_assistant_pair"
+        if any(not m["content"] for m in record["messages"] if m["role"] in ("user", "assistant")):
+            return "empty_turn"
+        if record.get("rejected") is not None and not record["rejected"]["content"]:
+            return "empty_turn"
+        if placeholder(record["messages"][-1]["content"]) in placeholders:
+            return "placeholder_answer"
+        if p.placeholder_questions and any(placeholder(m["content"]) in placeholders
+                                           for m in record["messages"] if m["role"] == "user"):
+            return "placeholder_question"
+        if record.get("rejected") is not None and record["rejected"]["content"] == record["messages"][-1]["content"]:
+            return "identical_pair"
+    chars = sum(map(len, contents))
+    if chars < p.min_chars:
+        return "too_short"
+    if p.max_chars is not None and chars > p.max_chars:
+        return "too_long"
+    if text is None and len(record["messages"][-1]["content"]) < p.min_answer_chars:
+        return "answer_too_short"
+    if exclude is not None and any(exclude.search(c) for c in contents):
+        return "excluded_keyword"
+    if include is not None and not any(include.search(c) for c in contents):
+        return "off_domain"
     return None
+
+
+def duplicate_key(record: dict) -> bytes:
+    """Exact duplicates: the same roles and case-folded texts (after the fixes)."""
+    body = [[m["role"], m["content"].casefold()] for m in record["messages"]]
+    body.append([record.get("text", "").casefold() if record.get("text") else None, record.get("tools"),
+                 (record.get("rejected") or {}).get("content")])
+    return hashlib.blake2b(orjson.dumps(body), digest_size=16).digest()
+
+
+def placeholder(text: str) -> str:
+    return text.strip().rstrip(".。!！ ").casefold()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. tokens; near-duplicates
+# ----------------------------------------------------------------------------------------------
+def token_counts(records: list[dict], tokenizer_dir: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from stages.common import resolve_base
+
+    if not (Path(tokenizer_dir) / "manifest.json").exists():
+        raise StageError(f"{tokenizer_dir}: no base model manifest; run the base stage first, or set "
+                         "clean.min_tokens: 0 and clean.max_tokens: null")
+    path, revision = resolve_base(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    texts = [r["text"] if r.get("text") is not None else "\n".join(m["content"] for m in r["messages"]) for r in records]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def near_duplicate_text(record: dict) -> str:
+    return record["text"] if record.get("text") is not None else prompt_key(record) + "\n" + answer_text(record).casefold()
+
+
+def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 20_000) -> np.ndarray:
+    """MinHash signatures of the character n-gram sets of `texts`, computed for many texts at once
+    with numpy. Exactly datasketch's MinHash(num_perm, seed, scheme="affine32") fed the n-grams with
+    `ngram_hash32` as hash function (tests/test_data_stages.py checks), only ~100x faster: n-gram
+    hashes are a rolling polynomial over the code points of all texts of a batch."""
+    from datasketch import MinHash
+    from datasketch.minhash import _fmix
+
+    a, b = (x.astype(np.uint32) for x in MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for lo in range(0, len(texts), batch):
+        chunk = texts[lo:lo + batch]
+        lens = np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk))
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        codes = np.frombuffer("".join(chunk).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        h = codes.copy()
+        for k in range(1, min(ngram, len(h))):  # h[i] = sum codes[i + j] * P^(ngram-1-j), mod 2^64
+            h[:len(h) - k] *= np.uint64(0x100000001B3)
+            h[:len(h) - k] += codes[k:]
+        # the hash of a text shorter than ngram is the hash of the whole text
+        short = np.flatnonzero((lens < ngram) & (lens > 0))
+        for i in short:
+            h[starts[i]] = np.uint64(ngram_hash64(chunk[i]))
+        valid = np.ones(len(h), dtype=bool)
+        for k in range(1, ngram):  # windows running past their text's end
+            pos = ends - k
+            valid[pos[pos >= starts]] = False
+        valid[starts[short]] = True
+        counts = np.where(lens >= ngram, lens - ngram + 1, (lens > 0).astype(np.int64))
+        hv = _fmix((h[valid] >> np.uint64(32)).astype(np.uint32), 32)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        nonempty = counts > 0
+        sig = out[lo:lo + len(chunk)]
+        sig[:] = np.uint32(0xFFFFFFFF)
+        if hv.size:
+            for j in range(num_perm):
+                sig[nonempty, j] = np.minimum.reduceat(a[j] * hv + b[j], offsets[nonempty])
+    return out
+
+
+def ngram_hash64(text: str) -> int:
+    h = 0
+    for ch in text:
+        h = (h * 0x100000001B3 + ord(ch)) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def ngram_hash32(gram: bytes | str) -> int:
+    """The n-gram hash minhash_signatures uses, as a datasketch hashfunc (for the test)."""
+    text = gram.decode("utf-8") if isinstance(gram, bytes) else gram
+    return ngram_hash64(text) >> 32
+
+
+def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
+    """For each text, the index of the first text of its near-duplicate group (itself if none).
+    Candidates come from datasketch's MinHashLSH; a pair joins a group only if its exact Jaccard
+    similarity reaches the threshold (MinHash estimates are noisy on short texts: templated
+    answers about two different drugs would otherwise merge)."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed)
+    lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
+    leans = [LeanMinHash(seed=nd.seed, hashvalues=s, scheme="affine32") for s in sigs]
+    with lsh.insertion_session(buffer_size=100_000) as session:
+        for i, lean in enumerate(leans):
+            session.insert(i, lean, check_duplication=False)
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    grams: dict[int, set[str]] = {}
+
+    def jaccard(i: int, j: int) -> float:  # exact, on the candidates only
+        for k in (i, j):
+            if k not in grams:
+                t = texts[k]
+                grams[k] = {t[n:n + nd.ngram] for n in range(max(1, len(t) - nd.ngram + 1))}
+        return len(grams[i] & grams[j]) / len(grams[i] | grams[j])
+
+    for i, lean in enumerate(leans):
+        for j in lsh.query(lean):
+            if j != i and root(i) != root(j) and jaccard(i, j) >= nd.threshold:
+                ri, rj = root(i), root(j)
+                parent[max(ri, rj)] = min(ri, rj)
+    return [root(i) for i in range(len(texts))]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the LLM judge
+# ----------------------------------------------------------------------------------------------
+def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter) -> list[float | None]:
+    """Scores from an OpenAI-compatible chat endpoint; each answer is cached under the hash of
+    (model, prompt, conversation), so a rerun only asks about rows it has not seen."""
+    import urllib.error
+    import urllib.request
+
+    cache = {}
+    if cache_path.exists():
+        with open(cache_path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    entry = orjson.loads(line)
+                    cache[entry["key"]] = entry
+    if not j.model:
+        raise StageError("params.yaml: clean.judge.model is empty (the judge is enabled)")
+    key_value = os.environ.get(j.api_key_env, "")
+
+    def conversation(r: dict) -> str:
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in r["messages"] if m["role"] != "system")
+
+    keys = [hashlib.sha256(orjson.dumps([j.model, j.prompt, conversation(r)])).hexdigest() for r in records]
+    url = j.url.rstrip("/") + "/chat/completions"
+
+    def ask(key_and_record: tuple[str, dict]) -> dict:
+        key, record = key_and_record
+        body = orjson.dumps({"model": j.model, "temperature": 0, "max_tokens": 16, "messages": [
+            {"role": "user", "content": j.prompt.replace("{conversation}", conversation(record))}]})
+        headers = {"Content-Type": "application/json"}
+        if key_value:
+            headers["Authorization"] = f"Bearer {key_value}"
+        for attempt in range(j.retries + 1):
+            try:
+                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=j.timeout_s) as response:
+                    reply = orjson.loads(response.read())["choices"][0]["message"]["content"] or ""
+                break
+            except urllib.error.HTTPError as e:
+                if attempt == j.retries or e.code not in (429, 500, 502, 503, 504):
+                    raise StageError(f"clean.judge: {url} answered HTTP {e.code} ({e.read()[:200]!r})") from None
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                if attempt == j.retries:
+                    raise StageError(f"clean.judge: {url} unreachable ({getattr(e, 'reason', e)})") from None
+            except (KeyError, IndexError, TypeError, orjson.JSONDecodeError):
+                raise StageError(f"clean.judge: {url} did not answer like an OpenAI chat completion") from None
+        number = re.search(r"\d+(?:\.\d+)?", reply)
+        return {"key": key, "score": float(number[0]) if number else None, "reply": reply[:200]}
+
+    todo = list({k: r for k, r in zip(keys, records) if k not in cache or cache[k]["score"] is None}.items())
+    stats["cached"] = sum(k in cache and cache[k]["score"] is not None for k in keys)
+    stats["requests"] = len(todo)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, j.max_workers)) as pool:
+            for entry in pool.map(ask, todo):
+                cache[entry["key"]] = entry
+    finally:  # what was paid for is kept, even if a later request failed
+        with atomic_path(cache_path) as tmp, open(tmp, "wb") as f:
+            f.writelines(orjson.dumps(cache[k]) + b"\n" for k in sorted(cache))
+    scores = [cache[k]["score"] for k in keys]
+    stats["unparseable"] = sum(s is None for s in scores)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole stage, as a function (tunepipe inspect runs it too)
+# ----------------------------------------------------------------------------------------------
+LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
+    """Fix, check and deduplicate records. Returns kept and rejected records (each rejected one
+    with its reason), conflicts (the same question, different answers) and metrics."""
+    fixer = TextFixer(p)
+    placeholders = {placeholder(fixer.text(t)) for t in p.placeholder_answers}
+    include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    seen: dict[str, dict] = {}
+    rows_in: Counter = Counter()
+
+    for record in records:  # 1-3: one pass
+        rows_in[source_label(record)] += 1
+        record = fixer.record(record)
+        reason = check(record, p, placeholders, include, exclude)
+        if reason is None and p.drop_duplicates:
+            key = duplicate_key(record)
+            first = seen.get(key)
+            if first is not None:
+                reason, record["duplicate_of"] = "duplicate", first
+            else:
+                seen[key] = record["source"]
+        if reason:
+            rejected.append({**record, "reason": reason})
+        else:
+            kept.append(record)
+
+    def drop(flags: list[str | None], extra: list[dict] | None = None) -> None:
+        nonlocal kept
+        still = []
+        for i, (record, reason) in enumerate(zip(kept, flags)):
+            if reason:
+                rejected.append({**record, **(extra[i] if extra else {}), "reason": reason})
+            else:
+                still.append(record)
+        kept = still
+
+    if kept and (p.min_tokens > 0 or p.max_tokens is not None):  # 3: tokens
+        counts = token_counts(kept, p.tokenizer)
+        drop(["too_few_tokens" if n < p.min_tokens else "too_many_tokens" if p.max_tokens is not None
+              and n > p.max_tokens else None for n in counts])
+
+    nd = p.near_duplicates
+    near_groups = 0
+    if nd.enabled and len(kept) > 1:  # 4: near-duplicates
+        roots = near_duplicate_groups([near_duplicate_text(r) for r in kept], nd)
+        members = Counter(roots)
+        near_groups = sum(1 for n in members.values() if n > 1)
+        if nd.action == "drop":
+            drop(["near_duplicate" if r != i else None for i, r in enumerate(roots)],
+                 [{"duplicate_of": kept[r]["source"]} for r in roots])
+        else:
+            for i, r in enumerate(roots):
+                if members[r] > 1:
+                    kept[i]["group"] = kept[r]["id"]
+
+    by_prompt: dict[str, list[int]] = defaultdict(list)  # 5: conflicting answers
+    for i, r in enumerate(kept):
+        if r.get("text") is None and r.get("rejected") is None:
+            system = next((m["content"] for m in r["messages"] if m["role"] == "system"), "")
+            by_prompt[system + "\x00" + prompt_key(r)].append(i)
+    conflicts, flags = [], [None] * len(kept)
+    for rows in by_prompt.values():
+        answers = {answer_text(kept[i]).casefold() for i in rows}
+        if len(rows) > 1 and len(answers) > 1:
+            first = kept[rows[0]]
+            conflicts.append({"question": prompt_key(first)[:500], "rows": [
+                {**kept[i]["source"], "id": kept[i]["id"], "answer": answer_text(kept[i])[:300]} for i in rows]})
+            for n, i in enumerate(rows):
+                if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and n > 0):
+                    flags[i] = "conflicting_answer"
+    drop(flags)
+
+    judge_stats: Counter = Counter()
+    if p.judge.enabled and kept:  # 6: the LLM judge
+        if judge_cache is None:
+            raise StageError("clean.judge is enabled but no cache file was given (--judge-cache)")
+        scores = judge_scores(kept, p.judge, judge_cache, judge_stats)
+        drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores],
+             [{"judge_score": s} for s in scores])
+        for r, s in zip(kept, [s for s in scores if s is None or s >= p.judge.min_score]):
+            r["judge_score"] = s
+    elif judge_cache is not None and not judge_cache.exists():
+        with atomic_path(judge_cache) as tmp:
+            tmp.write_bytes(b"")
+
+    # the data card
+    by_source = {}
+    kept_by = Counter(source_label(r) for r in kept)
+    rejected_by = defaultdict(Counter)
+    for r in rejected:
+        rejected_by[source_label(r)][r["reason"]] += 1
+    for label, n in sorted(rows_in.items()):
+        by_source[label] = {"rows_in": n, "rows_kept": kept_by[label], "rows_rejected": sum(rejected_by[label].values()),
+                            "rejected_by_reason": dict(sorted(rejected_by[label].items()))}
+    by_reason = Counter(r["reason"] for r in rejected)
+    prompt_lengths = [sum(len(m["content"]) for m in r["messages"] if m["role"] == "user") for r in kept]
+    answer_lengths = [len(answer_text(r)) for r in kept]
+    metrics = {
+        "rows_in": len(kept) + len(rejected), "rows_kept": len(kept), "rows_rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "by_source": by_source,
+        "fixes": dict(sorted(fixer.fixes.items())),
+        "pii_redacted": dict(sorted(fixer.redactions.items())),
+        "conflicting_questions": len(conflicts),
+        "conflicting_rows": sum(len(c["rows"]) for c in conflicts),
+        "near_duplicate_groups": near_groups,
+        "lengths": {name: summary(values) for name, values in (("prompt_chars", prompt_lengths),
+                                                              ("answer_chars", answer_lengths))},
+    }
+    if p.judge.enabled:
+        metrics["judge"] = dict(judge_stats)
+    histogram = [{"chars": edge, "prompt": 0, "answer": 0} for edge in LENGTH_BINS]
+    for name, values in (("prompt", prompt_lengths), ("answer", answer_lengths)):
+        for v in values:
+            histogram[bisect.bisect_right(LENGTH_BINS, v) - 1][name] += 1
+    assert metrics["rows_in"] == sum(rows_in.values()), "clean lost rows"
+    return {"kept": kept, "rejected": rejected, "conflicts": conflicts, "metrics": metrics, "histogram": histogram}
+
+
+def summary(values: list[int]) -> dict:
+    if not values:
+        return {"p50": 0, "p90": 0, "max": 0}
+    ordered = sorted(values)
+    return {"p50": ordered[len(ordered) // 2], "p90": ordered[int(len(ordered) * 0.9)], "max": ordered[-1]}
 
 
 def main() -> None:
@@ -47,31 +601,25 @@ def main() -> None:
     ap.add_argument("--records", default="data/ingested/records.jsonl")
     ap.add_argument("--out", default="data/cleaned/records.jsonl")
     ap.add_argument("--rejected", default="data/cleaned/rejected.jsonl")
+    ap.add_argument("--conflicts", default="data/cleaned/conflicts.jsonl")
+    ap.add_argument("--judge-cache", default="data/judge/cache.jsonl")
     ap.add_argument("--metrics", default="metrics/clean.json")
+    ap.add_argument("--lengths-plot", default="plots/lengths.csv")
     args = ap.parse_args()
     p = load_params("clean", CleanParams)
-    placeholders = {normalize(t, p).casefold() for t in p.placeholder_answers}
 
-    kept, rejected, seen = [], [], {}
-    for record in read_jsonl(args.records):
-        messages = [{**m, "content": normalize(m["content"], p)} for m in record["messages"]]
-        record = {**record, "id": content_id(messages), "messages": messages}
-        reason = rejection(record, placeholders)
-        if reason is None and p.drop_duplicates and record["id"] in seen:
-            reason, record["duplicate_of"] = "duplicate", seen[record["id"]]
-        if reason:
-            rejected.append({**record, "reason": reason})
-        else:
-            seen[record["id"]] = record["source"]
-            kept.append(record)
-
-    write_jsonl(args.out, kept)
-    write_jsonl(args.rejected, rejected)
-    by_reason = Counter(r["reason"] for r in rejected)
-    metrics = {"rows_in": len(kept) + len(rejected), "rows_kept": len(kept), "rows_rejected": len(rejected),
-               "rejected_by_reason": dict(sorted(by_reason.items()))}
-    write_json(args.metrics, metrics)
-    print(f"clean: kept {len(kept)}, rejected {len(rejected)} {dict(by_reason)}")
+    result = clean_records(read_records(args.records), p, Path(args.judge_cache))
+    write_records(args.out, result["kept"])
+    write_records(args.rejected, result["rejected"])
+    write_records(args.conflicts, result["conflicts"])
+    with atomic_path(args.lengths_plot) as tmp:
+        tmp.write_text("chars,prompt,answer\n" + "".join(f"{h['chars']},{h['prompt']},{h['answer']}\n"
+                                                         for h in result["histogram"]))
+    write_json(args.metrics, result["metrics"])
+    m = result["metrics"]
+    print(f"clean: kept {m['rows_kept']}, rejected {m['rows_rejected']} {m['rejected_by_reason']}; "
+          f"fixes {m['fixes']}; redacted {m['pii_redacted']}; {m['conflicting_questions']} questions with "
+          f"conflicting answers -> {args.conflicts}")
 
 
 if __name__ == "__main__":

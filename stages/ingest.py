@@ -1,126 +1,661 @@
 """ingest: read every raw source named in params and map each row to a canonical record.
 
-Canonical record, one JSON object a line (every format in and out converts through it):
+Containers: xlsx (any sheet; python-calamine), csv/tsv in any encoding (BOM, UTF-8, else
+charset-normalizer: GB18030/GBK, Big5, ...), JSON arrays, JSON lines (also in ".json" files),
+docx exam papers (question and answer blocks; python-docx) and plain-text corpora.
+Formats: table (a column mapping), alpaca, sharegpt (with tools and function_call/observation
+turns), messages (OpenAI), xtuner (conversation of system/input/output), preference
+(chosen/rejected) and text (continued pretraining). `format: auto` (the default) detects the format
+and the column mapping where that is unambiguous, and says what it detected.
+
+Canonical record, one JSON object a line (stages/records.py describes the optional keys):
   {"id": content hash, "source": {"file", "row"}, "messages": [{"role", "content"}], "meta": {...}}
 Nothing is dropped here: empty or odd rows are kept as they are, for clean to judge and count.
+Anything a user can get wrong in a file stops the stage with an error naming file, row and column.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import codecs
+import csv
+import difflib
+import io
+import itertools
 import math
-from collections import Counter
+import re
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
-from stages.common import Params, StageError, content_id, load_params, run_stage, write_json, write_jsonl
+import orjson
+
+from stages.common import Params, StageError, load_params, run_stage, write_json
+from stages.records import record_id, write_records
+
+FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
+CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
+              ".json": "json", ".jsonl": "json", ".ndjson": "json", ".docx": "docx", ".txt": "text", ".md": "text"}
 
 
 class Source(Params):
     path: str
-    format: Literal["table", "sharegpt", "messages", "alpaca"]
-    sheet: str | None = None                    # table (xlsx): sheet name; default the first
-    question: str = "question"                  # table: column holding the user turn
-    answer: str = "answer"                      # table: column holding the assistant turn
+    format: Literal["auto", "table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text"] = "auto"
+    encoding: str = "auto"                      # csv/json/txt: auto (BOM, UTF-8, else detected) or a codec name
+    sheet: str | int | None = None              # xlsx: sheet name or 0-based index; default the first
+    delimiter: str | None = None                # csv: default sniffed from the header line (, tab ; |)
+    question: str | list[str] | None = None     # table: column(s) of the user turn; default detected
+    answer: str | None = None                   # table: column of the assistant turn; default detected
     system: str | None = None                   # a system prompt for every row of this source
-    meta: dict[str, str] = {}                   # table: meta key -> column
+    system_column: str | None = None            # table: a column holding each row's system prompt
+    meta: dict[str, str] | None = None          # meta key -> column; default: every column not mapped
+    fields: dict[str, str] = {}                 # JSON formats: renamed keys, e.g. {instruction: prompt}
+    chunk_chars: int = 2000                     # text: lines are packed into chunks of at most this
+    question_pattern: str | None = None         # exam (docx): regex starting a question block
+    answer_pattern: str | None = None           # exam (docx): regex starting its answer
 
 
 class IngestParams(Params):
     sources: list[Source]
+    max_cell_chars: int = 100_000               # a longer cell is an error (often an unbalanced CSV quote)
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+class RowProblem(Exception):
+    """A problem in one row: the caller adds file and row to the column and message."""
+
+    def __init__(self, column: str, message: str):
+        super().__init__(message)
+        self.column, self.message = column, message
 
 
-def as_text(value) -> str:
+# ----------------------------------------------------------------------------------------------
+# Cells and text
+# ----------------------------------------------------------------------------------------------
+def as_text(value: Any) -> str:
     """Cell value to text; NaN/None become "" so clean can report them as empty."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else str(value)
 
 
-def read_table(src: Source) -> Iterator[tuple[int, dict]]:
-    """Rows of an xlsx sheet as {header: value}, numbered as a spreadsheet user sees them."""
-    from openpyxl import load_workbook
+def decode(path: str, data: bytes, encoding: str) -> tuple[str, str]:
+    """Bytes to text, and the encoding used. auto: a BOM, else strict UTF-8, else the encoding
+    charset-normalizer finds (GB18030 for the Chinese medical dialogue CSV). A file that is
+    UTF-8 but for a few bad bytes is corrupt, not in another encoding: that is an error."""
+    if encoding != "auto":
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise StageError(f"{path}: unknown encoding '{encoding}' (ingest.sources[].encoding)") from None
+        return decode_strict(path, data, encoding), encoding
+    for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            return decode_strict(path, data, name), name
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        first_error = e
+    lossy = data.decode("utf-8", "replace")
+    bad = lossy.count("\ufffd")
+    good = sum(1 for ch in lossy if ch > "\x7f") - bad
+    if good > 20 * bad:
+        raise undecodable(path, data, first_error, "utf-8")
+    from charset_normalizer import from_bytes
+
+    sample = data if len(data) <= 1_000_000 else data[:data.rfind(b"\n", 0, 1_000_000) + 1 or 1_000_000]
+    best = from_bytes(sample).best()  # a sample cut at a line end, so no character is cut in two
+    if best is None:
+        raise undecodable(path, data, first_error, "utf-8", "utf-8 or any encoding charset-normalizer knows")
+    name = {"gb2312": "gb18030", "gbk": "gb18030"}.get(best.encoding, best.encoding)  # supersets
+    return decode_strict(path, data, name), name
+
+
+def decode_strict(path: str, data: bytes, encoding: str) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise undecodable(path, data, e, encoding) from None
+
+
+def undecodable(path: str, data: bytes, e: UnicodeDecodeError, encoding: str, tried: str | None = None) -> StageError:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = len(data[data.rfind(b"\n", 0, e.start) + 1:e.start].decode(encoding, "replace")) + 1  # characters
+    return StageError(f"{path}: line {line}, column {column} (byte {e.start}): bytes {data[e.start:e.start + 4]!r} "
+                      f"cannot be decoded as {tried or encoding}; set ingest.sources[].encoding if the file uses another")
+
+
+def check_size(value: str, column: str, limit: int) -> str:
+    if len(value) > limit:
+        raise RowProblem(column, f"cell has {len(value):,} characters, more than ingest.max_cell_chars={limit:,} "
+                                 "(in a CSV an unbalanced quote often swallows the rest of the file)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers: each yields (row number as a user sees it, row) after a header or first peek
+# ----------------------------------------------------------------------------------------------
+def read_xlsx(src: Source, info: dict) -> tuple[list[str], Iterator[tuple[int, list]]]:
+    import python_calamine as calamine
 
     try:
-        wb = load_workbook(src.path, read_only=True, data_only=True)
-    except Exception as e:  # openpyxl raises several types for a corrupt or non-xlsx file
-        raise StageError(f"{src.path}: cannot open as xlsx ({e.__class__.__name__}: {e})") from None
-    if src.sheet is not None and src.sheet not in wb.sheetnames:
-        raise StageError(f"{src.path}: sheet '{src.sheet}' not found (sheets: {', '.join(wb.sheetnames)})")
-    rows = (wb[src.sheet] if src.sheet else wb.worksheets[0]).iter_rows(values_only=True)
-    header = [as_text(h).strip() for h in next(rows, [])]
-    for column in [src.question, src.answer, *src.meta.values()]:
-        if column not in header:
-            raise StageError(f"{src.path}: column '{column}' not found (columns: {', '.join(header)})")
-    for number, values in enumerate(rows, start=2):
-        if all(v is None for v in values):
-            continue
-        yield number, dict(zip(header, values))
-    wb.close()
+        wb = calamine.CalamineWorkbook.from_path(src.path)
+    except Exception as e:  # calamine raises its own types for a corrupt, encrypted or non-xlsx file
+        raise StageError(f"{src.path}: cannot open as a spreadsheet ({e.__class__.__name__}: {e})") from None
+    names = wb.sheet_names
+    if isinstance(src.sheet, int):
+        if not 0 <= src.sheet < len(names):
+            raise StageError(f"{src.path}: sheet index {src.sheet} out of range (sheets: {', '.join(names)})")
+        name = names[src.sheet]
+    elif src.sheet is not None:
+        if src.sheet not in names:
+            raise StageError(f"{src.path}: sheet '{src.sheet}' not found (sheets: {', '.join(names)})")
+        name = src.sheet
+    else:
+        if not names:
+            raise StageError(f"{src.path}: the workbook has no sheets")
+        name = names[0]
+    try:
+        sheet = wb.get_sheet_by_name(name)
+        rows = sheet.to_python(skip_empty_area=False)
+    except Exception as e:
+        raise StageError(f"{src.path}: sheet '{name}' cannot be read ({e.__class__.__name__}: {e})") from None
+    info["sheet"] = name
+    if not rows or all(as_text(v).strip() == "" for v in rows[0]):
+        raise StageError(f"{src.path}: sheet '{name}' is empty (no header row)")
+    header = [as_text(h).strip() for h in rows[0]]
+    return header, ((number, values) for number, values in enumerate(rows[1:], start=2))
 
 
-def read_json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    """A JSON array or JSON lines, with the line number (or array index + 1) of each object."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+def read_csv(src: Source, info: dict, limit: int) -> tuple[list[str], Iterator[tuple[int, list]]]:
+    text, info["encoding"] = decode(src.path, Path(src.path).read_bytes(), src.encoding)
+    if not text.strip():
+        raise StageError(f"{src.path}: the file is empty")
+    first_line = text.lstrip("\r\n").split("\n", 1)[0]
+    delimiter = src.delimiter or ("\t" if src.path.endswith(".tsv") else
+                                  max(",\t;|", key=first_line.count))
+    csv.field_size_limit(limit + 1)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    info["delimiter"] = delimiter
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as e:
+        raise StageError(f"{src.path}: line 1: the header cannot be parsed ({e})") from None
+
+    def rows() -> Iterator[tuple[int, list]]:
+        start = reader.line_num + 1
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise StageError(f"{src.path}: row starting at line {start}: {e} (ingest.max_cell_chars={limit:,}; "
+                                 "an unbalanced quote often swallows the rest of the file)") from None
+            extra_values = any(v.strip() for v in values[len(header):])
+            if values and (len(values) < len(header) or extra_values):
+                raise StageError(f"{src.path}: row starting at line {start}: {len(values)} fields, the header has "
+                                 f"{len(header)} (a stray delimiter, or a line break in an unquoted cell?)")
+            yield start, values[:len(header)]
+            start = reader.line_num + 1
+
+    return header, rows()
+
+
+def read_json(src: Source, info: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """A JSON array (items numbered from 1), JSON lines (line numbers), or one JSON object holding
+    a list of records. Returns the unit rows are counted in ("item" or "line") and the rows."""
+    data = Path(src.path).read_bytes()
+    text, info["encoding"] = decode(src.path, data, "utf-8" if src.encoding == "auto" and not data[:4].startswith(
+        (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else src.encoding)
+    if not text.strip():
+        raise StageError(f"{src.path}: the file is empty")
+    if text.lstrip("\ufeff \t\r\n").startswith("["):
+        info["container"] = "json array"
         try:
-            yield from enumerate(json.loads(text), start=1)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+            items = orjson.loads(text.lstrip("\ufeff"))
+        except orjson.JSONDecodeError as e:
+            raise StageError(f"{src.path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+        return "item", enumerate(items, start=1)
+    lines = text.lstrip("\ufeff").split("\n")
+    filled = [line for line in itertools.islice((x for x in lines if x.strip()), 2)]
+    try:
+        whole = orjson.loads(filled[0]) if len(filled) == 1 else None
+    except orjson.JSONDecodeError:
+        whole = None
+    if len(filled) > 1:
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+            orjson.loads(filled[0])
+        except orjson.JSONDecodeError:  # not JSON lines: one object over several lines?
+            try:
+                whole = orjson.loads(text.lstrip("\ufeff"))
+            except orjson.JSONDecodeError:
+                whole = None
+    if isinstance(whole, dict):
+        lists = [v for v in whole.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        record_keys = {src.fields.get(k, k) for k in ("conversations", "messages", "conversation")}
+        if len(whole) == 1 and len(lists) == 1 and not set(whole) & record_keys:  # {"data": [records]}
+            info["container"] = "json object"
+            return "item", enumerate(lists[0], start=1)
+        if len(filled) > 1:
+            info["container"] = "json object"
+            return "item", enumerate([whole], start=1)
+    info["container"] = "jsonl"
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise StageError(f"{src.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+
+    return "line", rows()
 
 
-def to_messages(src: Source, row: dict, where: str) -> tuple[list[dict], dict]:
+QUESTION_START = (r"^\s*(?:第\s*\d+\s*题\s*[.．、:：]?|\d+\s*[.．、:：)）]|[(（]\d+[)）]|【\s*(?:问题|题目)\s*】\s*[:：]?"
+                  r"|(?:问题|问)\s*[:：]|Q\s*\d*\s*[.:：])\s*")
+ANSWER_START = r"^\s*(?:【\s*(?:参考)?答案\s*】\s*[:：]?|(?:参考)?答案\s*[:：]|答\s*[:：]|Answer\s*[:：])\s*"
+SECTION = re.compile(r"^\s*[一二三四五六七八九十]+\s*[、.．]")
+
+
+def read_docx(src: Source, info: dict, limit: int) -> Iterator[tuple[int, dict]]:
+    """Exam papers as question and answer blocks, numbered by the paragraph each question starts
+    at: "1. question" [option lines] "答案：B" [解析 lines] ... Section headings ("一、单选题")
+    go to meta. A question without an answer is kept with an empty answer for clean to count."""
+    import docx
+
+    try:
+        paragraphs = [p.text for p in docx.Document(src.path).paragraphs]
+    except Exception as e:  # python-docx raises several types for a corrupt or non-docx file
+        raise StageError(f"{src.path}: cannot open as docx ({e.__class__.__name__}: {e})") from None
+    try:
+        q_start = re.compile(src.question_pattern or QUESTION_START)
+        a_start = re.compile(src.answer_pattern or ANSWER_START)
+    except re.error as e:
+        raise StageError(f"{src.path}: ingest.sources[].question_pattern/answer_pattern: invalid regex ({e})") from None
+    info["mapping"] = {"question_pattern": q_start.pattern, "answer_pattern": a_start.pattern}
+    blocks, section, block = [], "", None
+    for number, text in enumerate(paragraphs, start=1):
+        if not text.strip():
+            continue
+        if SECTION.match(text) and not q_start.match(text):
+            section = text.strip()
+            continue
+        if (m := q_start.match(text)) is not None:
+            block = {"row": number, "question": [text[m.end():]], "answer": None, "section": section}
+            blocks.append(block)
+        elif block is not None and block["answer"] is None and (m := a_start.match(text)) is not None:
+            block["answer"] = [text[m.end():]]
+        elif block is not None:
+            block["question" if block["answer"] is None else "answer"].append(text)
+    if not blocks:
+        raise StageError(f"{src.path}: no question blocks found in {len(paragraphs)} paragraphs "
+                         f"(questions start like '1. ...' and answers like '答案：...'; "
+                         "set ingest.sources[].question_pattern/answer_pattern)")
+    for b in blocks:
+        yield b["row"], {"question": check_size("\n".join(b["question"]).strip(), "paragraph text", limit),
+                         "answer": check_size("\n".join(b["answer"] or []).strip(), "paragraph text", limit),
+                         "section": b["section"]}
+
+
+def read_text(src: Source, info: dict) -> Iterator[tuple[int, dict]]:
+    """A plain-text corpus for continued pretraining: lines packed into chunks of at most
+    chunk_chars (a longer line is a chunk of its own), numbered by their first line."""
+    text, info["encoding"] = decode(src.path, Path(src.path).read_bytes(), src.encoding)
+    if not text.strip():
+        raise StageError(f"{src.path}: the file is empty")
+    chunk, start, size = [], 1, 0
+    for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        if chunk and (size + len(line) > src.chunk_chars or not line.strip()):
+            yield start, {"text": "\n".join(chunk)}
+            chunk, size = [], 0
+        if line.strip():
+            if not chunk:
+                start = number
+            chunk.append(line)
+            size += len(line) + 1
+    if chunk:
+        yield start, {"text": "\n".join(chunk)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats: detection, then one row -> (messages, extra keys of the record, meta)
+# ----------------------------------------------------------------------------------------------
+QUESTION_NAMES = ["question", "questions", "ask", "query", "prompt", "问题", "提问", "问"]
+ANSWER_NAMES = ["answer", "answers", "response", "reply", "completion", "回答", "答案", "答"]
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "bot": "assistant", "chatgpt": "assistant", "system": "system", "function_call": "function_call",
+                  "observation": "tool", "tool": "tool", "function": "tool"}
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+
+
+def detect_table(src: Source, header: list[str]) -> tuple[str, dict]:
+    """The mapping of a table: named in params, or the one obvious question and answer column."""
+    lower = {h.casefold(): h for h in header if h}
+    if src.question is not None or src.answer is not None:
+        if src.question is None or src.answer is None:
+            raise StageError(f"{src.path}: set both question and answer columns in ingest.sources (or neither)")
+        return "table", {"question": src.question, "answer": src.answer}
+    if src.format in ("auto", "alpaca") and "instruction" in lower and "output" in lower:
+        return "alpaca", {k: lower[k] for k in ("instruction", "input", "output", "system") if k in lower}
+    questions = [lower[n] for n in QUESTION_NAMES if n in lower]
+    answers = [lower[n] for n in ANSWER_NAMES if n in lower]
+    if len(questions) == 1 and len(answers) == 1:
+        return "table", {"question": questions[0], "answer": answers[0]}
+    raise StageError(f"{src.path}: cannot tell which columns hold the question and the answer "
+                     f"(columns: {', '.join(header)}; candidates: question {questions or 'none'}, answer "
+                     f"{answers or 'none'}); set question: and answer: for this source in params.yaml ingest.sources")
+
+
+def detect_json(src: Source, row: Any, where: str) -> str:
+    if not isinstance(row, dict):
+        raise StageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    k = lambda name: src.fields.get(name, name)  # noqa: E731
+    keys = set(row)
+    if k("chosen") in keys and k("rejected") in keys:
+        return "preference"
+    if k("conversations") in keys:
+        return "sharegpt"
+    if k("messages") in keys:
+        return "messages"
+    if k("conversation") in keys:
+        return "xtuner"
+    if k("instruction") in keys and k("output") in keys:
+        return "alpaca"
+    if k("text") in keys and len(keys - {k("text"), "id", "meta", "source"}) == 0:
+        return "text"
+    lower = {key.casefold() for key in keys}
+    if any(n in lower for n in QUESTION_NAMES) and any(n in lower for n in ANSWER_NAMES):
+        return "table"
+    raise StageError(f"{where}: cannot detect the format from keys {sorted(keys)} (expected conversations, "
+                     "messages, conversation, instruction/output, chosen/rejected or question/answer); "
+                     "set format: (and fields: to rename keys) for this source in params.yaml ingest.sources")
+
+
+def text_field(row: dict, key: str, column: str, limit: int, required: bool = True) -> str:
+    if key not in row:
+        if required:
+            raise RowProblem(column, f"missing (keys present: {', '.join(sorted(map(str, row)))})")
+        return ""
+    value = row[key]
+    if isinstance(value, (dict, list)):
+        raise RowProblem(column, f"expected text, got a JSON {type(value).__name__}")
+    return check_size(as_text(value), column, limit)
+
+
+def tool_call(value: str, column: str) -> list[dict]:
+    """A function_call turn's JSON ({"name", "arguments"}, or a list of them) as OpenAI tool_calls."""
+    try:
+        call = orjson.loads(value)
+    except orjson.JSONDecodeError as e:
+        raise RowProblem(column, f"a function_call turn must be JSON {{name, arguments}} ({e.msg})") from None
+    calls = call if isinstance(call, list) else [call]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise RowProblem(column, "a function_call turn must be JSON {name, arguments}")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments") if isinstance(
+        c.get("arguments"), str) else orjson.dumps(c.get("arguments", {})).decode()}} for c in calls]
+
+
+def parse_tools(row: dict, key: str) -> list | None:
+    if key not in row or row[key] in (None, "", []):
+        return None
+    tools = row[key]
+    if isinstance(tools, str):
+        try:
+            tools = orjson.loads(tools)
+        except orjson.JSONDecodeError as e:
+            raise RowProblem(key, f"not valid JSON ({e.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowProblem(key, "expected a list of tool (function) definitions")
+    return tools
+
+
+def turns(row: dict, src: Source, key: str, limit: int) -> list[dict]:
+    """ShareGPT turns ({from, value}) or OpenAI messages ({role, content}) as canonical messages."""
+    k = lambda name: src.fields.get(name, name)  # noqa: E731
+    items = row.get(key)
+    if not isinstance(items, list):
+        raise RowProblem(key, f"expected a list of turns, got {type(items).__name__ if key in row else 'nothing'}")
+    messages = []
+    for i, turn in enumerate(items):
+        column = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowProblem(column, f"expected an object, got {type(turn).__name__}")
+        if k("from") in turn or k("value") in turn:
+            role_key, content_key, roles = k("from"), k("value"), SHAREGPT_ROLES
+        else:
+            role_key, content_key, roles = "role", "content", OPENAI_ROLES
+        role = roles.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
+        if role is None:
+            raise RowProblem(f"{column}.{role_key}", f"unknown role {turn.get(role_key)!r} "
+                                                     f"(expected one of {', '.join(sorted(roles))})")
+        content = turn.get(content_key)
+        if isinstance(content, list):  # OpenAI content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if content is not None and not isinstance(content, (str, int, float)):
+            raise RowProblem(f"{column}.{content_key}", f"expected text, got a JSON {type(content).__name__}")
+        content = check_size(as_text(content), f"{column}.{content_key}", limit)
+        message = {"role": role, "content": content}
+        if role == "function_call":
+            message = {"role": "assistant", "content": content, "tool_calls": tool_call(content, f"{column}.{content_key}")}
+        elif role == "assistant" and isinstance(turn.get("tool_calls"), list):
+            message["tool_calls"] = turn["tool_calls"]
+            if not content:
+                message["content"] = orjson.dumps([c.get("function", c) for c in turn["tool_calls"]]).decode()
+        messages.append(message)
+    return messages
+
+
+def convert(fmt: str, src: Source, row: dict, mapping: dict, limit: int) -> tuple[list[dict], dict, dict]:
+    """One row -> (messages, extra record keys, meta)."""
+    k = lambda name: src.fields.get(name, name)  # noqa: E731
     system = [{"role": "system", "content": src.system}] if src.system else []
-    if src.format == "table":
-        messages = [{"role": "user", "content": as_text(row[src.question])},
-                    {"role": "assistant", "content": as_text(row[src.answer])}]
-        return system + messages, {k: as_text(row[c]) for k, c in src.meta.items()}
-    if src.format == "alpaca":
-        prompt = "\n\n".join(t for t in (as_text(row.get("instruction")), as_text(row.get("input"))) if t)
-        return system + [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": as_text(row.get("output"))}], {}
-    if src.format == "sharegpt":
-        turns = row.get("conversations")
-        if not isinstance(turns, list):
-            raise StageError(f"{where}: 'conversations' must be a list")
-        if row.get("system"):
-            system = [{"role": "system", "content": as_text(row["system"])}]
+    extra: dict = {}
+    used: set = set()
+    if fmt == "table":
+        qcols = mapping["question"] if isinstance(mapping["question"], list) else [mapping["question"]]
+        question = "\n".join(t for t in (text_field(row, c, c, limit) for c in qcols) if t.strip())
+        messages = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": text_field(row, mapping["answer"], mapping["answer"], limit)}]
+        if src.system_column:
+            system = [{"role": "system", "content": text_field(row, src.system_column, src.system_column, limit)}]
+        used = {*qcols, mapping["answer"], src.system_column}
+    elif fmt == "alpaca":
+        prompt = "\n\n".join(t for t in (text_field(row, k("instruction"), k("instruction"), limit),
+                                         text_field(row, k("input"), k("input"), limit, required=False)) if t.strip())
+        history = []
+        for i, pair in enumerate(row.get(k("history")) or []):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise RowProblem(f"{k('history')}[{i}]", "expected a [question, answer] pair")
+            history += [{"role": "user", "content": as_text(pair[0])}, {"role": "assistant", "content": as_text(pair[1])}]
+        if row.get(k("system")):
+            system = [{"role": "system", "content": text_field(row, k("system"), k("system"), limit)}]
+        messages = history + [{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": text_field(row, k("output"), k("output"), limit)}]
+        used = {k("instruction"), k("input"), k("output"), k("history"), k("system")}
+    elif fmt in ("sharegpt", "messages"):
+        key = k("conversations") if fmt == "sharegpt" else k("messages")
+        messages = turns(row, src, key, limit)
+        if row.get(k("system")):
+            system = [{"role": "system", "content": text_field(row, k("system"), k("system"), limit)}]
+        if (tools := parse_tools(row, k("tools"))) is not None:
+            extra["tools"] = tools
+        used = {key, k("system"), k("tools")}
+    elif fmt == "xtuner":
+        items = row.get(k("conversation"))
+        if not isinstance(items, list):
+            raise RowProblem(k("conversation"), "expected a list of {system, input, output} items")
         messages = []
-        for turn in turns:
-            role = SHAREGPT_ROLES.get(turn.get("from"))
-            if role is None:
-                raise StageError(f"{where}: unknown role '{turn.get('from')}' (expected one of {sorted(SHAREGPT_ROLES)})")
-            messages.append({"role": role, "content": as_text(turn.get("value"))})
-        return system + messages, {}
-    messages = row.get("messages")  # OpenAI messages
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise StageError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-    return system + [{"role": m["role"], "content": as_text(m.get("content"))} for m in messages], {}
+        for i, item in enumerate(items):
+            column = f"{k('conversation')}[{i}]"
+            if not isinstance(item, dict):
+                raise RowProblem(column, f"expected an object, got {type(item).__name__}")
+            if item.get("system"):
+                messages.append({"role": "system", "content": text_field(item, "system", f"{column}.system", limit)})
+            messages += [{"role": "user", "content": text_field(item, "input", f"{column}.input", limit)},
+                         {"role": "assistant", "content": text_field(item, "output", f"{column}.output", limit)}]
+        used = {k("conversation")}
+    elif fmt == "preference":
+        if k("conversations") in row or k("messages") in row:
+            key = k("conversations") if k("conversations") in row else k("messages")
+            messages = turns(row, src, key, limit)
+        else:
+            prompt_key = next((n for n in (k("prompt"), k("question"), k("instruction")) if n in row), k("prompt"))
+            messages = [{"role": "user", "content": text_field(row, prompt_key, prompt_key, limit)}]
+            key = prompt_key
+        if row.get(k("system")):
+            system = [{"role": "system", "content": text_field(row, k("system"), k("system"), limit)}]
+        if (tools := parse_tools(row, k("tools"))) is not None:
+            extra["tools"] = tools
+        chosen, rejected = (preference_answer(row, k(name), limit) for name in ("chosen", "rejected"))
+        messages = messages + [{"role": "assistant", "content": chosen}]
+        extra["rejected"] = {"role": "assistant", "content": rejected}
+        used = {key, k("system"), k("tools"), k("chosen"), k("rejected")}
+    elif fmt == "exam":
+        messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        return system + messages, {}, {"section": row["section"]} if row["section"] else {}
+    elif fmt == "text":
+        extra["text"] = text_field(row, k("text"), k("text"), limit)
+        return [], extra, {key: row[key] for key in row if key != k("text")} if src.meta is None else {}
+    else:  # pragma: no cover - Literal in Source
+        raise AssertionError(fmt)
+    if src.meta is not None:
+        meta = {key: (text_field(row, column, column, limit) if fmt == "table" else row[column] if column in row
+                      else text_field(row, column, column, limit)) for key, column in src.meta.items()}
+    else:
+        meta = {key: (as_text(value) if fmt == "table" else value) for key, value in row.items()
+                if key not in used and key}
+    return system + messages, extra, meta
 
 
-def ingest_source(src: Source) -> Iterator[dict]:
-    if not Path(src.path).exists():
-        raise StageError(f"{src.path}: file not found (listed in params.yaml ingest.sources)")
-    rows = read_table(src) if src.format == "table" else read_json_lines(src.path)
+def preference_answer(row: dict, key: str, limit: int) -> str:
+    """chosen / rejected: text, a message, or a list of messages ending in the assistant's."""
+    if key not in row:
+        raise RowProblem(key, f"missing (keys present: {', '.join(sorted(map(str, row)))})")
+    value = row[key]
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1]
+    if isinstance(value, dict):
+        value = value.get("content", value.get("value"))
+    if isinstance(value, (dict, list)):
+        raise RowProblem(key, "expected text or an assistant message")
+    return check_size(as_text(value), key, limit)
+
+
+# ----------------------------------------------------------------------------------------------
+# A source, start to end
+# ----------------------------------------------------------------------------------------------
+def container_of(src: Source) -> str:
+    path = Path(src.path)
+    if path.is_dir():
+        raise StageError(f"{src.path}: is a folder, not a file")
+    if not path.exists():
+        raise StageError(f"{src.path}: file not found")
+    if src.format == "exam":
+        return "docx"
+    if src.format == "text" and path.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
+        return "text"
+    container = CONTAINERS.get(path.suffix.lower())
+    if container is None:
+        raise StageError(f"{src.path}: unsupported file type '{path.suffix}' (supported: {', '.join(sorted(CONTAINERS))})")
+    if path.stat().st_size == 0:
+        raise StageError(f"{src.path}: the file is empty")
+    return container
+
+
+def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False) -> tuple[dict, Iterator[dict]]:
+    """Detect what a source is (returned as a dict, before any record is read) and its records.
+    sheet_in_source: name the sheet in each record's source (when one workbook is listed twice)."""
+    container = container_of(src)
+    info: dict = {"sheet_in_source": sheet_in_source, "container": container, "encoding": None, "format": src.format, "detected": src.format == "auto",
+                  "mapping": {}}
+    unit = "row"
+    if container in ("xlsx", "csv"):
+        header, rows = read_xlsx(src, info) if container == "xlsx" else read_csv(src, info, limit)
+        fmt, mapping = ("alpaca", {}) if src.format == "alpaca" else detect_table(src, header)
+        if src.format not in ("auto", "table", "alpaca"):
+            raise StageError(f"{src.path}: format '{src.format}' needs JSON; a {container} file is read as a "
+                             "table (format: table with question/answer columns, or alpaca)")
+        needed = (mapping["question"] if isinstance(mapping.get("question"), list) else [mapping.get("question")]) + [
+            mapping.get("answer"), src.system_column, *(src.meta or {}).values()]
+        if fmt == "alpaca":
+            needed = [src.fields.get("instruction", "instruction"), src.fields.get("output", "output"),
+                      *(src.meta or {}).values()]
+        for column in filter(None, needed):
+            if column not in header:
+                close = difflib.get_close_matches(column, header, n=1, cutoff=0.6) or [
+                    h for h in header if h.casefold() == column.casefold()]
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise StageError(f"{src.path}: column '{column}' not found (columns: {', '.join(header)}){hint}")
+            if header.count(column) > 1:
+                raise StageError(f"{src.path}: column '{column}' appears {header.count(column)} times in the header")
+        info.update(format=fmt, mapping=mapping)
+        if src.meta is None:
+            info["mapping"]["meta"] = [h for h in header if h and h not in set(filter(None, needed))]
+        else:
+            info["mapping"]["meta"] = dict(src.meta)
+        table_rows = ((n, dict(zip(header, values))) for n, values in rows)
+        rows_iter: Iterator[tuple[int, Any]] = table_rows
+    elif container == "json":
+        unit, rows_iter = read_json(src, info)
+        first = next(rows_iter, None)
+        if first is None:
+            raise StageError(f"{src.path}: no records in the file")
+        fmt = src.format if src.format != "auto" else detect_json(src, first[1], f"{src.path}: {unit} {first[0]}")
+        if fmt == "table":
+            header = list(first[1]) if isinstance(first[1], dict) else []
+            fmt, mapping = detect_table(src, header)
+            info["mapping"] = mapping
+        info["format"] = fmt
+        rows_iter = itertools.chain([first], rows_iter)
+    elif container == "docx":
+        info["format"] = fmt = "exam"
+        unit, rows_iter = "paragraph", read_docx(src, info, limit)
+    else:
+        info["format"] = fmt = "text"
+        unit, rows_iter = "line", read_text(src, info)
+        info["mapping"] = {"chunk_chars": src.chunk_chars}
+    info["unit"] = unit
+    if fmt in ("sharegpt", "messages", "alpaca", "xtuner", "preference") and src.fields:
+        info["mapping"] = {**info["mapping"], "fields": dict(src.fields)}
+    return info, records(src, fmt, info, rows_iter, limit)
+
+
+def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], limit: int) -> Iterator[dict]:
+    unit, mapping = info["unit"], info["mapping"]
+    info["rows"] = info["blank_rows"] = 0
     for number, row in rows:
-        where = f"{src.path}: row {number}"
         if not isinstance(row, dict):
-            raise StageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        messages, meta = to_messages(src, row, where)
-        yield {"id": content_id(messages), "source": {"file": src.path, "row": number},
-               "messages": messages, "meta": meta}
+            raise StageError(f"{src.path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
+        if info["container"] in ("xlsx", "csv") and all(as_text(v).strip() == "" for v in row.values()):
+            info["blank_rows"] += 1  # an empty spreadsheet row is no data: counted, not a record
+            continue
+        try:
+            messages, extra, meta = convert(fmt, src, row, mapping, limit)
+        except RowProblem as e:
+            raise StageError(f"{src.path}: {unit} {number}, column '{e.column}': {e.message}") from None
+        source = {"file": src.path, "row": number, "sheet": info["sheet"]} if info["sheet_in_source"] else {
+            "file": src.path, "row": number}
+        record = {"id": "", "source": source, "messages": messages, "meta": meta, **extra}
+        record["id"] = record_id(record)
+        info["rows"] += 1
+        yield record
+
+
+def describe(info: dict) -> str:
+    """One line saying what was detected, for logs and `tunepipe inspect`."""
+    parts = [info["container"]]
+    if info.get("sheet"):
+        parts.append(f"sheet '{info['sheet']}'")
+    if info.get("encoding"):
+        parts.append(f"encoding {info['encoding']}")
+    parts.append(f"format {info['format']}" + (" (detected)" if info["detected"] else ""))
+    if info["mapping"]:
+        parts.append("mapping " + orjson.dumps(info["mapping"]).decode())
+    return ", ".join(parts)
 
 
 def main() -> None:
@@ -129,12 +664,30 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/ingest.json")
     args = ap.parse_args()
     p = load_params("ingest", IngestParams)
+    if not p.sources:
+        raise StageError("params.yaml: ingest.sources is empty")
 
-    records = [record for src in p.sources for record in ingest_source(src)]
-    write_jsonl(args.out, records)
-    per_source = Counter(r["source"]["file"] for r in records)
-    write_json(args.metrics, {"rows_total": len(records), "rows_per_source": dict(per_source)})
-    print(f"ingest: {len(records)} rows from {len(per_source)} sources -> {args.out}")
+    listed = [(src.path, src.sheet) for src in p.sources]
+    if len(set(listed)) < len(listed):
+        raise StageError("params.yaml: ingest.sources lists the same file (and sheet) twice")
+    paths = [path for path, _ in listed]
+    infos: dict[str, dict] = {}
+
+    def every_record() -> Iterator[dict]:
+        for src in p.sources:
+            twice = paths.count(src.path) > 1
+            info, rows = open_source(src, p.max_cell_chars, sheet_in_source=twice)
+            infos[f"{src.path}#{info.get('sheet')}" if twice else src.path] = info
+            yield from rows
+            if info["rows"] == 0:
+                raise StageError(f"{src.path}: no data rows (only a header or blank rows)")
+            print(f"ingest: {src.path}: {info['rows']} rows; {describe(info)}")
+
+    total = write_records(args.out, every_record())
+    write_json(args.metrics, {"rows_total": total,
+                              "rows_per_source": {path: info["rows"] for path, info in infos.items()},
+                              "sources": infos})
+    print(f"ingest: {total} rows from {len(infos)} sources -> {args.out}")
 
 
 if __name__ == "__main__":

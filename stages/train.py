@@ -5,12 +5,23 @@ Two backends, chosen by train.backend:
   xtuner - xtuner 0.2's own config-driven trainer, run in .venvs/xtuner (stages/train_xtuner.py)
 Loss is on assistant tokens only (each answer and its <|im_end|> stop token). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
-transformers then masks attention per document, so the loss equals the unpacked (padded) one.
+attention is masked per document, so the loss equals the unpacked (padded) one.
+
+Speed options of the hf backend (defaults keep the plain, exact CPU path; benchmarks/ measures them):
+  attn_implementation=varlen  FlashAttention-2's variable-length kernel that ships inside torch
+                              (CUDA, bf16): packed documents isolated without any mask
+  loss_chunk_size             cross-entropy from the hidden states a chunk at a time, so the
+                              (tokens x vocab) fp32 logits never exist whole
+  compile                     torch.compile of each decoder layer (norms, RoPE, SwiGLU, LoRA fused)
+  step_tokens / pack_tokens   token-budget steps packed into long rows
+  dtype=bfloat16              bf16 base; LoRA weights stay fp32 and run under bf16 autocast
+  quantize=nf4                QLoRA: 4-bit base through bitsandbytes (CUDA)
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import random
 import subprocess
@@ -36,11 +47,17 @@ class TrainParams(Params):
     epochs: int = 3
     lr: float = 2e-3
     batch_size: int = 8            # conversations per optimizer step (before packing)
-    max_length: int = 512          # tokens; longer conversations are truncated; also the packed row length
+    step_tokens: int | None = None  # hf: token-budget steps instead: conversations until this many tokens
+    max_length: int = 512          # tokens; longer conversations are truncated
     pack: bool = True              # hf backend: pack samples into rows, isolated per document
+    pack_tokens: int | None = None  # hf: packed row length (None: max_length)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    quantize: Literal["none", "nf4"] = "none"  # hf: nf4 = QLoRA, 4-bit base through bitsandbytes (CUDA)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "varlen"] = "sdpa"
+    loss_chunk_size: int = 0       # hf: >0: loss from hidden states this many tokens at a time
+    compile: bool = False          # hf: torch.compile each decoder layer
     gradient_checkpointing: bool = False
     lora: LoraParams = LoraParams()
 
@@ -65,9 +82,28 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> d
     return {"input_ids": enc["input_ids"][:max_length], "labels": labels[:max_length]}
 
 
+def plan_steps(examples: list[dict], p: TrainParams, rng: random.Random | None = None) -> list[list[int]]:
+    """One epoch's steps, as indices into examples (shuffled by rng): batch_size conversations a
+    step, or with step_tokens as many as fit that token budget (at least one)."""
+    order = list(range(len(examples)))
+    if rng is not None:
+        rng.shuffle(order)
+    if not p.step_tokens:
+        return [order[i:i + p.batch_size] for i in range(0, len(order), p.batch_size)]
+    steps, current, used = [], [], 0
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if current and used + n > p.step_tokens:
+            steps.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    return steps + [current] if current else steps
+
+
 def collate(examples: list[dict], pack: bool, row_length: int, pad_id: int):
     """One step's batch. Packed: rows of concatenated samples, position_ids restarting at each
-    sample and no attention mask (transformers derives per-document masking from the positions).
+    sample and no attention mask (the attention masks per document, derived from the positions).
     Unpacked: padded to the longest sample, with an attention mask."""
     import torch
 
@@ -78,18 +114,22 @@ def collate(examples: list[dict], pack: bool, row_length: int, pad_id: int):
                 "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
                 "labels": torch.tensor([pad(e["labels"], IGNORE) for e in examples])}
     rows: list[list[dict]] = [[]]
+    used: list[int] = [0]  # tokens in each row
     for e in sorted(examples, key=lambda e: -len(e["input_ids"])):  # first-fit decreasing
-        for row in rows:
-            if sum(len(x["input_ids"]) for x in row) + len(e["input_ids"]) <= row_length:
+        for r, row in enumerate(rows):
+            if used[r] + len(e["input_ids"]) <= row_length:
                 row.append(e)
+                used[r] += len(e["input_ids"])
                 break
         else:
             rows.append([e])
-    width = max(sum(len(x["input_ids"]) for x in row) for row in rows)
+            used.append(len(e["input_ids"]))
+    width = max(used)
     ids, labels, positions = [], [], []
     for row in rows:
         r_ids = [t for x in row for t in x["input_ids"]]
-        r_labels = [t for x in row for t in x["labels"]]
+        # a sample's first token is never a target: the previous sample's last token must not learn it
+        r_labels = [t for x in row for t in [IGNORE, *x["labels"][1:]]]
         r_pos = [i for x in row for i in range(len(x["input_ids"]))]
         fill = width - len(r_ids)
         # padding continues as one more "document" so it never attends into real samples
@@ -99,9 +139,205 @@ def collate(examples: list[dict], pack: bool, row_length: int, pad_id: int):
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
 
-def batch_loss(model, batch) -> "torch.Tensor":
+def varlen_kwargs(batch: dict) -> dict:
+    """Document boundaries of a batch for the varlen attention, in transformers' flash-attention
+    kwargs: offsets of every document in the flattened (rows x width) tokens, where positions restart."""
+    import torch
+
+    positions = batch.get("position_ids")
+    if positions is None:  # padded rows: the padding after each sample is a document of its own
+        mask = batch["attention_mask"]
+        columns = torch.arange(mask.shape[1]).expand_as(mask)
+        positions = torch.where(mask.bool(), columns, columns - mask.sum(1, keepdim=True))
+        batch = dict(batch, position_ids=positions)
+    flat = positions.flatten()
+    cu = torch.cat([(flat == 0).nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return dict(batch, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
+def make_batch(examples: list[dict], p: TrainParams, pad_id: int, device) -> dict:
+    """A step's conversations as model inputs on device, laid out as p asks."""
+    import torch
+
+    batch = collate(examples, p.pack, p.pack_tokens or p.max_length, pad_id)
+    if p.attn_implementation == "varlen":
+        batch = varlen_kwargs(batch)
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --- varlen attention: FlashAttention-2's variable-length kernel, which torch builds in (no flash-attn) ---
+
+VARLEN = "tunepipe_varlen"  # the name it is registered under in transformers
+
+
+@functools.cache
+def flash_varlen_op():
+    """Causal varlen flash attention as a torch custom op with its backward, so torch.compile keeps
+    it whole: q, k, v (tokens, heads, dim), k/v may have fewer heads (GQA); cu: int32 offsets."""
+    import torch
+
+    if hasattr(torch.ops.tunepipe, "flash_varlen"):  # defined already (stages.train imported twice)
+        return torch.ops.tunepipe.flash_varlen
+
+    def forward_impl(q, k, v, cu, max_len, scale):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
+                                                                scale=scale)
+        return out, lse
+
+    def backward_impl(grad, q, k, v, out, lse, cu, max_len, scale):
+        # no dropout, so the random-state arguments are placeholders (as torch's own varlen_attn passes)
+        rng, unused = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
+        return tuple(torch.ops.aten._flash_attention_backward(grad, q, k, v, out, lse, cu, cu, max_len, max_len, 0.0,
+                                                              True, rng, unused, scale=scale))
+
+    forward = torch.library.custom_op("tunepipe::flash_varlen", forward_impl, mutates_args=(), schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale) -> (Tensor, Tensor)"))
+    backward_op = torch.library.custom_op("tunepipe::flash_varlen_backward", backward_impl, mutates_args=(), schema=(
+        "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, SymInt max_len, float scale)"
+        " -> (Tensor, Tensor, Tensor)"))
+    # the aten ops have meta kernels, so tracing (torch.compile) runs the same code on fake tensors
+    forward.register_fake(forward_impl)
+    backward_op.register_fake(backward_impl)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu, max_len, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+        ctx.max_len, ctx.scale = max_len, scale
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    return forward
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: each document of the flattened batch attends causally to
+    itself only (cu_seq_lens_q from varlen_kwargs). query/key/value: (batch, heads, seq, dim)."""
+    import torch
+    import torch.nn.functional as F
+
+    if dropout:
+        raise StageError("attn_implementation=varlen has no attention dropout")
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    b, heads, s, d = query.shape
+    scale = scaling if scaling is not None else d ** -0.5
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, _ = torch.ops.tunepipe.flash_varlen(q, k, v, cu, longest, scale)  # defined by register_varlen_attention
+    else:  # the same function on CPU or in fp32: causal SDPA one document at a time
+        bounds, gqa = cu.tolist(), getattr(module, "num_key_value_groups", 1) > 1
+        out = torch.cat([F.scaled_dot_product_attention(
+            *(t[a:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=scale,
+            enable_gqa=gqa)[0].transpose(0, 1) for a, e in zip(bounds[:-1], bounds[1:])])
+    return out.view(b, s, heads, d), None
+
+
+def register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+
+    flash_varlen_op()
+    # not in transformers' mask registry, so it builds no mask for it (none is needed)
+    AttentionInterface.register(VARLEN, varlen_attention)
+
+
+# --- loss -------------------------------------------------------------------------------------------
+
+def ce_chunk(logits, targets, weight):
+    """Cross-entropy sum of one chunk and its gradient w.r.t. the logits (softmax in fp32, as
+    transformers' loss does); weight: each token's share of the mean (0 for unlabelled ones)."""
+    import torch
+
+    x = logits.float()
+    lse = x.logsumexp(-1)
+    safe = targets.clamp(min=0)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = ((lse - picked) * (weight > 0)).sum()
+    grad = (x - lse[:, None]).exp()
+    grad = grad - (torch.arange(x.shape[1], device=x.device) == safe[:, None]).to(grad.dtype)
+    return loss, (grad * weight[:, None]).to(logits.dtype)
+
+
+@functools.cache
+def chunked_ce_function(compiled: bool):
+    """autograd Function: mean CE of hidden @ weight.T over labelled targets, chunk by chunk. The
+    gradient is made in the forward pass, so only hidden-sized tensors are kept for backward."""
+    import torch
+
+    chunk_fn = torch.compile(ce_chunk, dynamic=True) if compiled else ce_chunk
+
+    class ChunkedCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk_size: int):
+            labelled = targets != IGNORE
+            share = labelled / labelled.sum().clamp(min=1)  # tokens' weights in the mean, no host sync
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for a in range(0, hidden.shape[0], chunk_size):
+                h = hidden[a:a + chunk_size]
+                loss, grad = chunk_fn(h @ weight.t(), targets[a:a + chunk_size], share[a:a + chunk_size])
+                total += loss
+                if grad_hidden is not None:
+                    grad_hidden[a:a + chunk_size] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad.t() @ h).float()
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+            return total / labelled.sum().clamp(min=1)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return (grad_hidden * grad_out if grad_hidden is not None else None,
+                    (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
+
+    return ChunkedCE
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, position_ids, chunk_size: int, compiled: bool = False):
+    """transformers' causal-LM loss (mean next-token CE over labelled tokens) from the final hidden
+    states and the output-embedding weight, chunk_size tokens at a time."""
+    import torch
+
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:  # a packed document's last token does not predict the next document
+        targets[:, :-1].masked_fill_(position_ids[:, 1:] == 0, IGNORE)
+    function = chunked_ce_function(compiled)
+    return function.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.flatten(), chunk_size)
+
+
+def batch_loss(model, batch, p: TrainParams | None = None) -> "torch.Tensor":
     """Mean cross-entropy over every labelled token of the step (same for packed and padded)."""
-    return model(**batch, use_cache=False).loss
+    import torch
+
+    p = p or TrainParams()
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.dtype == "bfloat16"):
+        if not p.loss_chunk_size:
+            return model(**batch, use_cache=False).loss
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or head.bias is not None or getattr(lm.config, "final_logit_softcapping",
+                                                                                  None):
+            raise StageError("train.loss_chunk_size needs a plain, bias-free, untrained lm_head")
+        return chunked_causal_lm_loss(hidden, head.weight, batch["labels"], batch.get("position_ids"),
+                                      p.loss_chunk_size, compiled=p.compile)
+
+
+def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
+    """One optimizer step on one batch; returns the loss (still on the device: no sync here)."""
+    loss = batch_loss(model, batch, p)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
@@ -114,15 +350,52 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     return examples
 
 
-def load_base_for_training(base_dir: str, dtype_name: str, device):
+def build_model(path: str, revision: str | None, p: TrainParams, device):
+    """The base model with fresh LoRA adapters, ready to train as p says."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    path, revision = resolve_base(base_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype_name),
-                                                 attn_implementation="sdpa").to(device)
-    return tokenizer, model
+    if p.pack_tokens and p.pack_tokens < p.max_length:
+        raise StageError("train.pack_tokens must be at least train.max_length")
+    if p.attn_implementation == "varlen":
+        register_varlen_attention()
+    dtype = getattr(torch, p.dtype)
+    extra = {}
+    if p.quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra = {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)}
+    attn = VARLEN if p.attn_implementation == "varlen" else p.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, attn_implementation=attn, **extra)
+    if p.quantize == "none":
+        model = model.to(device)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                                             target_modules=p.lora.target_modules, task_type="CAUSAL_LM"))
+    if p.dtype == "bfloat16":
+        # peft keeps LoRA weights in fp32 (good for AdamW) and would upcast each input to match;
+        # under the bf16 autocast of batch_loss the adapters' matmuls run in bf16 instead
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    if p.compile:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in model.get_base_model().get_decoder().layers:  # one graph, shared by all layers
+            layer.compile(dynamic=True)
+    return model
+
+
+def make_optimizer(model, p: TrainParams, device):
+    import torch
+
+    return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr,
+                             weight_decay=p.weight_decay, fused=True if device.type == "cuda" else None)
 
 
 def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float:
@@ -131,11 +404,10 @@ def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(examples), p.batch_size):
-            chunk = examples[i:i + p.batch_size]
+        for step in plan_steps(examples, p):
+            chunk = [examples[i] for i in step]
             n = sum(sum(t != IGNORE for t in e["labels"][1:]) for e in chunk)
-            batch = {k: v.to(device) for k, v in collate(chunk, p.pack, p.max_length, pad_id).items()}
-            total += batch_loss(model, batch).item() * n
+            total += batch_loss(model, make_batch(chunk, p, pad_id, device), p).item() * n
             count += n
     model.train()
     return total / count
@@ -143,51 +415,40 @@ def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float
 
 def train_hf(p: TrainParams, args) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     random.seed(p.seed)
     torch.manual_seed(p.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model = load_base_for_training(args.base, p.dtype, device)
-    if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                                             target_modules=p.lora.target_modules, task_type="CAUSAL_LM"))
+    path, revision = resolve_base(args.base)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = build_model(path, revision, p, device)
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    steps_per_epoch = math.ceil(len(train) / p.batch_size)
-    total_steps = steps_per_epoch * p.epochs
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr,
-                                  weight_decay=p.weight_decay)
+    rng = random.Random(p.seed)
+    plan = [plan_steps(train, p, rng) for _ in range(p.epochs)]
+    total_steps = sum(len(steps) for steps in plan)
+    optimizer = make_optimizer(model, p, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(p.warmup_ratio * total_steps), total_steps)
 
-    rng = random.Random(p.seed)
     curve, tokens, step = [], 0, 0
     val_before = evaluate_loss(model, val, p, pad_id, device)
     started = time.perf_counter()
     model.train()
     bar = tqdm(total=total_steps, desc=f"train (hf, {device.type})")
-    for epoch in range(p.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), p.batch_size):
-            chunk = [train[j] for j in order[i:i + p.batch_size]]
-            batch = {k: v.to(device) for k, v in collate(chunk, p.pack, p.max_length, pad_id).items()}
-            loss = batch_loss(model, batch)
-            loss.backward()
-            optimizer.step()
+    for epoch, steps in enumerate(plan):
+        for indices in steps:
+            chunk = [train[j] for j in indices]
+            loss = train_step(model, make_batch(chunk, p, pad_id, device), optimizer, p)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += sum(len(e["input_ids"]) for e in chunk)
             curve.append({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6)})
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
         model.save_pretrained(Path(args.checkpoints) / f"epoch-{epoch + 1}")  # persisted between runs
     bar.close()
     runtime = time.perf_counter() - started

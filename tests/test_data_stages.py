@@ -55,7 +55,9 @@ def test_clean_accounts_for_every_row(pipeline):
 
 def test_split_is_seeded_and_leak_free(pipeline, workdir):
     metrics = json.loads((pipeline / "metrics/split.json").read_text())
-    assert metrics == {"train_rows": 283, "val_rows": 36, "test_rows": 36, "leakage_rows": 0}
+    assert {k: metrics[k] for k in ("train_rows", "val_rows", "test_rows", "leakage_rows")} == {
+        "train_rows": 283, "val_rows": 36, "test_rows": 36, "leakage_rows": 0}
+    assert metrics["corpus_rows"] == metrics["mixed_out_rows"] == 0
     (workdir / "data/cleaned").mkdir(parents=True)
     (workdir / "data/cleaned/records.jsonl").write_bytes((pipeline / "data/cleaned/records.jsonl").read_bytes())
     run_stage(workdir, "split")
@@ -99,3 +101,349 @@ def test_missing_column_and_bad_json_are_named(workdir):
     with pytest.raises(StageError, match="bad.jsonl: line 2, column 20: invalid JSON"):
         run_stage(workdir, "ingest")
     assert md5(bad) == original  # raw data untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# formats and containers
+# ----------------------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from stages.clean import CleanParams, TextFixer, clean_records, minhash_signatures, ngram_hash32  # noqa: E402
+from stages.ingest import Source, open_source  # noqa: E402
+
+
+def ingest_one(path: Path, **source) -> tuple[dict, list[dict]]:
+    info, records = open_source(Source(path=str(path), **source))
+    return info, list(records)
+
+
+def chat(q: str, a: str, row: int = 1, file: str = "t.jsonl", **extra) -> dict:
+    return {"id": "", "source": {"file": file, "row": row}, "meta": {},
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], **extra}
+
+
+def test_json_formats_are_detected(tmp_path):
+    rows = {
+        "alpaca.json": ("alpaca", '[{"instruction": "Translate", "input": "猫", "output": "cat", '
+                                  '"history": [["hi", "hello"]], "topic": "zh"}]'),
+        "openai.jsonl": ("messages", json.dumps({"messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "content": "{\"c\": 21}"}, {"role": "assistant", "content": "21 C"}],
+            "tools": [{"name": "weather", "parameters": {}}]})),
+        "xtuner.json": ("xtuner", json.dumps({"conversation": [{"system": "s", "input": "q1", "output": "a1"},
+                                                               {"input": "q2", "output": "a2"}]})),  # JSONL in .json
+        "pairs.jsonl": ("preference", json.dumps({"question": "q", "chosen": [{"role": "assistant", "content": "good"}],
+                                                  "rejected": "bad"})),
+        "qa.json": ("table", '{"data": [{"query": "q", "response": "a"}, {"query": "q2", "response": "a2"}]}'),
+        "corpus.jsonl": ("text", json.dumps({"text": "continued pretraining text"})),
+    }
+    for name, (fmt, text) in rows.items():
+        (tmp_path / name).write_text(text + "\n", encoding="utf-8")
+        info, records = ingest_one(tmp_path / name)
+        assert (info["format"], info["detected"]) == (fmt, True), name
+        assert records and all(r["id"] and r["source"]["file"] == str(tmp_path / name) for r in records)
+    _, (alpaca,) = ingest_one(tmp_path / "alpaca.json")
+    assert [m["content"] for m in alpaca["messages"]] == ["hi", "hello", "Translate\n\n猫", "cat"]
+    assert alpaca["meta"] == {"topic": "zh"} and alpaca["source"]["row"] == 1
+    _, (openai,) = ingest_one(tmp_path / "openai.jsonl")
+    assert [m["role"] for m in openai["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert openai["messages"][2]["tool_calls"][0]["function"]["name"] == "weather"
+    assert json.loads(openai["messages"][2]["content"])[0]["name"] == "weather"  # the call is rendered text too
+    assert openai["tools"] == [{"name": "weather", "parameters": {}}]
+    _, (xt,) = ingest_one(tmp_path / "xtuner.json")
+    assert [m["role"] for m in xt["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    _, (pair,) = ingest_one(tmp_path / "pairs.jsonl")
+    assert pair["messages"][-1]["content"] == "good" and pair["rejected"] == {"role": "assistant", "content": "bad"}
+    info, qa = ingest_one(tmp_path / "qa.json")
+    assert info["mapping"] == {"question": "query", "answer": "response"} and len(qa) == 2
+    _, (text,) = ingest_one(tmp_path / "corpus.jsonl")
+    assert text["messages"] == [] and text["text"] == "continued pretraining text"
+    # renamed keys and a meta mapping from params
+    (tmp_path / "renamed.jsonl").write_text(json.dumps({"dialog": [{"speaker": "human", "text": "q"},
+                                                                   {"speaker": "gpt", "text": "a"}], "lang": "en"}) + "\n")
+    info, (renamed,) = ingest_one(tmp_path / "renamed.jsonl", format="sharegpt", meta={"language": "lang"},
+                                  fields={"conversations": "dialog", "from": "speaker", "value": "text"})
+    assert [m["content"] for m in renamed["messages"]] == ["q", "a"] and renamed["meta"] == {"language": "en"}
+
+
+@pytest.mark.parametrize("encoding, expected", [("utf-8-sig", "utf-8-sig"), ("gbk", "gb18030"), ("utf-16", "utf-16"),
+                                                ("utf-8", "utf-8")])
+def test_csv_encodings_are_detected(tmp_path, encoding, expected):
+    rows = [("问题", "回答", "科室")] + [(f"高血压患者能吃党参吗？第{i}次提问", f"高血压病人可以口服党参的，第{i}个回答。", "心血管科")
+                                     for i in range(40)]
+    text = "\r\n".join(",".join(r) for r in rows) + "\r\n"
+    (tmp_path / "qa.csv").write_bytes(text.encode(encoding))
+    info, records = ingest_one(tmp_path / "qa.csv")
+    assert info["encoding"] == expected
+    assert info["mapping"] == {"question": "问题", "answer": "回答", "meta": ["科室"]}
+    assert records[0]["messages"][0]["content"] == "高血压患者能吃党参吗？第0次提问"
+    assert records[0]["meta"] == {"科室": "心血管科"} and records[0]["source"]["row"] == 2
+
+
+def test_tsv_multiline_cells_and_sheet_index(tmp_path):
+    (tmp_path / "qa.tsv").write_text('question\tanswer\nq1\t"line one\nline two"\nq2\ta2\n')
+    _, records = ingest_one(tmp_path / "qa.tsv")
+    assert [r["source"]["row"] for r in records] == [2, 4]  # the line each row starts at
+    assert records[0]["messages"][1]["content"] == "line one\nline two"
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    wb.active.title = "cover"
+    wb.active.append(["nothing here"])
+    ws = wb.create_sheet("qa")
+    for row in (["Prompt", "Completion", "n"], ["q", "a", 3], [None, None, None], ["q2", 4.0, 5.5]):
+        ws.append(row)
+    wb.save(tmp_path / "qa.xlsx")
+    info, records = ingest_one(tmp_path / "qa.xlsx", sheet=1)
+    assert info["sheet"] == "qa" and info["mapping"]["question"] == "Prompt" and info["blank_rows"] == 1
+    assert [(r["source"]["row"], r["messages"][1]["content"], r["meta"]) for r in records] == [
+        (2, "a", {"n": "3"}), (4, "4", {"n": "5.5"})]
+
+
+def test_docx_exam_paper(tmp_path):
+    import docx
+
+    document = docx.Document()
+    for text in ["2023年公务员考试模拟卷", "一、单项选择题", "1. 下列哪项属于法律行为？（  ）", "A. 签订合同", "B. 散步",
+                 "答案：A", "解析：签订合同产生法律后果。", "2、我国的根本大法是什么？", "【参考答案】宪法",
+                 "二、申论", "第3题 请概括材料中的主要问题。", "3. 没有答案的题"]:
+        document.add_paragraph(text)
+    document.save(tmp_path / "exam.docx")
+    info, records = ingest_one(tmp_path / "exam.docx")
+    assert info["format"] == "exam"
+    assert [r["source"]["row"] for r in records] == [3, 8, 11, 12]  # paragraph each question starts at
+    first = records[0]["messages"]
+    assert first[0]["content"] == "下列哪项属于法律行为？（  ）\nA. 签订合同\nB. 散步"
+    assert first[1]["content"] == "A\n解析：签订合同产生法律后果。"
+    assert records[1]["messages"][1]["content"] == "宪法" and records[1]["meta"] == {"section": "一、单项选择题"}
+    assert records[2]["meta"] == {"section": "二、申论"} and records[3]["messages"][1]["content"] == ""
+    assert clean_records(records, CleanParams())["metrics"]["rejected_by_reason"] == {"empty_turn": 2}
+
+
+def test_text_corpus_chunks(tmp_path):
+    (tmp_path / "corpus.txt").write_text("第一章\n" + "发热是常见症状。\n" * 30 + "\n第二章\n短。\n", encoding="utf-8")
+    _, records = ingest_one(tmp_path / "corpus.txt", chunk_chars=100)
+    assert all(len(r["text"]) <= 100 for r in records)
+    assert [r["source"]["row"] for r in records][0] == 1 and records[-1]["text"] == "第二章\n短。"
+    assert sum(r["text"].count("发热") for r in records) == 30
+
+
+# ----------------------------------------------------------------------------------------------
+# clean: text fixes and rules, each switchable and counted
+# ----------------------------------------------------------------------------------------------
+def test_text_fixes():
+    fix = TextFixer(CleanParams())
+    assert fix.text("ＡＢＣ１２３\u3000问题，答案：（是）①\u00a0m² ½") == "ABC123 问题，答案：（是）① m² ½"
+    assert fix.text("cafÃ© â€œquotedâ€\x9d") == "café “quoted”"
+    assert fix.text("<p>Take <b>one</b> tablet</p><br/>daily &amp; rest") == "Take one tablet\n\ndaily & rest"
+    assert fix.text("if a < b and c > d, <I.0, TBi1>") == "if a < b and c > d, <I.0, TBi1>"
+    assert fix.text("，与走路姿势没有关系") == "与走路姿势没有关系" and fix.text("...and so on") == "...and so on"
+    assert fix.text("  two  spaces\t\there \n\n\n\nnext\u200b line  ") == "two spaces here\n\nnext line"
+    assert set(fix.fixes) == {"unicode", "mojibake", "html", "leading_punctuation", "whitespace"}
+    off = TextFixer(CleanParams(normalize_unicode=False, fix_mojibake=False, strip_html=False, collapse_whitespace=False,
+                                strip_leading_punctuation=False, pii={"enabled": False}))
+    raw = "，<b>cafÃ©</b>\u3000 ＡＢ  a@b.com"
+    assert off.text(raw) == raw and not off.fixes
+
+
+def test_pii_redaction():
+    fix = TextFixer(CleanParams())
+    text = ("电话13812345678，+86 139-1234-5678，座机010-12345678，邮箱 zhang.san@example.com，"
+            "身份证11010519491231002X，卡号6222021234567890128；订单号11010519491231002 和 1234567890123456 不是")
+    assert fix.text(text) == ("电话[PHONE]，[PHONE]，座机[PHONE]，邮箱 [EMAIL]，身份证[ID_CARD]，卡号[BANK_CARD]；"
+                              "订单号11010519491231002 和 1234567890123456 不是")
+    assert fix.redactions == {"mobile": 2, "landline": 1, "email": 1, "id_card": 1, "bank_card": 1}
+    only_email = TextFixer(CleanParams(pii={"kinds": ["email"]}))
+    assert only_email.text("13812345678 a@b.cn") == "13812345678 [EMAIL]"
+    result = clean_records([chat("call me at 13812345678", "ok")], CleanParams(pii={"action": "reject"}))
+    assert result["metrics"]["rejected_by_reason"] == {"pii": 1}
+
+
+RULE_ROWS = [
+    ("replacement_char", chat("q\ufffd", "a"), {"replacement_char": "keep"}),
+    ("no_user_assistant_pair", {**chat("q", "a"), "messages": [{"role": "user", "content": "q"}]}, None),
+    ("empty_turn", chat("q", ""), None),
+    ("placeholder_answer", chat("q", "Unanswerable."), {"placeholder_answers": []}),
+    ("placeholder_question", chat("无", "an answer"), {"placeholder_questions": False}),
+    ("too_short", chat("q", "a"), {"min_chars": 0}),
+    ("too_long", chat("q" * 50, "a" * 60), {"max_chars": None}),
+    ("answer_too_short", chat("q", "ab"), {"min_answer_chars": 0}),
+    ("excluded_keyword", chat("buy CRYPTO now", "no"), {"exclude_keywords": []}),
+    ("off_domain", chat("stock prices?", "up"), {"include_keywords": []}),
+    ("identical_pair", {**chat("q", "same"), "rejected": {"role": "assistant", "content": "same"}}, None),
+]
+
+
+@pytest.mark.parametrize("reason, record, off", RULE_ROWS, ids=[r[0] for r in RULE_ROWS])
+def test_each_rule_is_counted_and_switchable(reason, record, off):
+    on = {"min_chars": 3, "max_chars": 100, "min_answer_chars": 3 if reason == "answer_too_short" else 0,
+          "exclude_keywords": ["crypto"], "include_keywords": ["weather"] if reason == "off_domain" else []}
+    fine = chat("weather today?", "sunny and warm", row=2)
+    result = clean_records([record, fine], CleanParams(**on))
+    assert result["metrics"]["rejected_by_reason"] == {reason: 1}
+    assert result["rejected"][0]["reason"] == reason and result["rejected"][0]["source"]["row"] == 1
+    if off is not None:
+        assert clean_records([record, fine], CleanParams(**{**on, **off}))["metrics"]["rows_rejected"] == 0
+
+
+def test_duplicates_near_duplicates_and_conflicts():
+    base = ("Ibuprofen is a nonsteroidal anti-inflammatory drug used to relieve pain, fever and inflammation. "
+            "Take it with food or milk to prevent stomach upset, and do not take more than directed on the label.")
+    rows = [chat("What is ibuprofen?", base, 1), chat("what is  ibuprofen?", base, 2),  # exact after normalising
+            chat("what is ibuprofen", base.replace("fever and", "fever, and"), 3),          # near
+            chat("What is ibuprofen?", "A painkiller.", 4),                               # conflicting answer
+            chat("What is pelranva used for?", "Pelranva is a pain reliever used to treat mild to moderate pain.", 5),
+            chat("What is peltinva used for?", "Peltinva is a pain reliever used to treat mild to moderate pain.", 6)]
+    result = clean_records(rows, CleanParams())
+    assert {r["source"]["row"]: r["reason"] for r in result["rejected"]} == {2: "duplicate", 3: "near_duplicate"}
+    assert result["rejected"][0]["duplicate_of"] == {"file": "t.jsonl", "row": 1}
+    assert [r["source"]["row"] for r in result["kept"]] == [1, 4, 5, 6]  # templated rows of two drugs differ
+    assert result["metrics"]["conflicting_questions"] == 1
+    assert [x["row"] for x in result["conflicts"][0]["rows"]] == [1, 4]
+    grouped = clean_records(rows, CleanParams(near_duplicates={"action": "group"}, conflicting_answers="keep_first"))
+    assert {r["source"]["row"]: r["reason"] for r in grouped["rejected"]} == {2: "duplicate", 4: "conflicting_answer"}
+    kept = {r["source"]["row"]: r for r in grouped["kept"]}
+    assert kept[1]["group"] == kept[3]["group"] == kept[1]["id"] and "group" not in kept[5]
+    dropped = clean_records(rows, CleanParams(drop_duplicates=False, near_duplicates={"enabled": False},
+                                              conflicting_answers="drop"))
+    assert dropped["metrics"]["rejected_by_reason"] == {"conflicting_answer": 3}  # rows 1, 2 and 4
+
+
+def test_minhash_signatures_are_datasketchs():
+    from datasketch import MinHash
+
+    texts = ["高血压患者能吃党参吗？我有高血压", "What is ibuprofen used for?", "abc", "", "abcdefgh" * 20]
+    sigs = minhash_signatures(texts, ngram=5, num_perm=32, seed=3, batch=2)
+    for text, sig in zip(texts, sigs):
+        m = MinHash(num_perm=32, seed=3, scheme="affine32", hashfunc=ngram_hash32)
+        grams = [text[i:i + 5] for i in range(len(text) - 4)] if len(text) >= 5 else ([text] if text else [])
+        m.update_batch([g.encode("utf-8") for g in grams])
+        assert list(sig) == list(m.hashvalues), text
+
+
+def test_token_bounds_use_the_base_tokenizer(pipeline):
+    rows = [chat("What is aspirin?", "A pain reliever. " * 40, 1), chat("What is aspirin for?", "Pain.", 2)]
+    result = clean_records(rows, CleanParams(max_tokens=60, min_tokens=4, tokenizer=str(pipeline / "models/base")))
+    assert result["metrics"]["rejected_by_reason"] == {"too_many_tokens": 1}
+    with pytest.raises(StageError, match="no base model manifest"):
+        clean_records(rows, CleanParams(max_tokens=60, tokenizer=str(pipeline / "nowhere")))
+
+
+def test_clean_writes_the_data_card(pipeline):
+    metrics = json.loads((pipeline / "metrics/clean.json").read_text())
+    assert metrics["by_source"]["data/raw/demo_medication_qa.xlsx"] == {
+        "rows_in": 303, "rows_kept": 295, "rows_rejected": 8,
+        "rejected_by_reason": {"duplicate": 3, "empty_turn": 1, "placeholder_answer": 4}}
+    assert metrics["by_source"]["data/raw/demo_pharmacist_chat.jsonl"]["rows_kept"] == 60
+    lines = (pipeline / "plots/lengths.csv").read_text().splitlines()
+    assert lines[0] == "chars,prompt,answer"
+    assert sum(int(line.split(",")[2]) for line in lines[1:]) == metrics["rows_kept"] == 355
+    assert (pipeline / "data/cleaned/conflicts.jsonl").exists() and (pipeline / "data/judge/cache.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# split: groups, strata, mixing
+# ----------------------------------------------------------------------------------------------
+def split_rows(workdir, records: list[dict], **params) -> dict:
+    from stages.records import record_id, write_records
+
+    for r in records:
+        r["id"] = r["id"] or record_id(r)
+    write_records(workdir / "data/cleaned/records.jsonl", records)
+    write_params(workdir, {"split": params})
+    run_stage(workdir, "split")
+    return {name: read_jsonl(workdir / f"data/split/{name}.jsonl")
+            for name in ("train", "val", "test", "corpus", "mixed_out")}
+
+
+def test_split_keeps_groups_together_and_mixes(workdir):
+    records = []
+    for i in range(200):
+        r = chat(f"question {i}?", f"answer {i}", i, file="qa.jsonl", meta={"kind": "a" if i % 4 else "b"})
+        if i % 10 < 3:  # near-duplicate groups of three different prompts each
+            r["group"] = f"g{i // 10}"
+        records.append(r)
+    records += [chat(f"call tool {i}", f"done {i}", i, file="tools.jsonl", meta={"kind": "t"}) for i in range(100)]
+    records.append({"id": "", "source": {"file": "c.txt", "row": 1}, "messages": [], "meta": {}, "text": "corpus"})
+    parts = split_rows(workdir, records, stratify="meta.kind", mix=[{"source": "tools*", "share": 0.1}])
+    metrics = json.loads((workdir / "metrics/split.json").read_text())
+    assert metrics["leakage_rows"] == 0 and metrics["corpus_rows"] == 1
+    assert metrics["mix"]["tools*"]["rows"] == 22 and metrics["mixed_out_rows"] == 78  # 22 / 222 = 10%
+    assert sum(len(v) for v in parts.values()) == len(records)
+    where = {r["group"]: name for name in ("train", "val", "test") for r in parts[name] if r.get("group")}
+    for name in ("train", "val", "test"):
+        assert all(where[r["group"]] == name for r in parts[name] if r.get("group"))
+    assert set(metrics["strata"]) == {"a", "b", "t"}
+    for kind in "ab":  # each stratum split by the ratios
+        n = sum(r["meta"]["kind"] == kind for name in ("train", "val", "test") for r in parts[name])
+        assert abs(sum(r["meta"]["kind"] == kind for r in parts["test"]) - 0.1 * n) <= 3
+    capped = split_rows(workdir, records, mix=[{"source": "tools.jsonl", "max_rows": 5}])
+    assert sum(r["source"]["file"] == "tools.jsonl" for n in ("train", "val", "test") for r in capped[n]) == 5
+
+
+def test_xtuner_format_of_tool_conversations(workdir):
+    from stages.split import to_xtuner
+
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "weather?"},
+                           {"role": "assistant", "content": '{"name": "w"}', "tool_calls": []},
+                           {"role": "tool", "content": "21C"}, {"role": "assistant", "content": "It is 21C."}]}
+    assert to_xtuner(record) == {"conversation": [{"system": "s", "input": "weather?", "output": '{"name": "w"}'},
+                                                  {"input": "21C", "output": "It is 21C."}]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the LLM judge, against a small OpenAI-compatible server of our own
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def judge_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            prompt = body["messages"][0]["content"]
+            score = "2" if "BAD-ANSWER" in prompt else "Score: 9"
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": score}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_llm_judge_scores_and_caches(tmp_path, judge_server, monkeypatch):
+    url, seen = judge_server
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    rows = [chat("What is aspirin?", "A pain reliever.", 1), chat("What is ibuprofen?", "BAD-ANSWER", 2),
+            chat("What is paracetamol?", "A fever reducer.", 3)]
+    p = CleanParams(judge={"enabled": True, "url": url, "model": "judge-7b", "api_key_env": "JUDGE_KEY", "min_score": 5})
+    cache = tmp_path / "judge/cache.jsonl"
+    result = clean_records(rows, p, cache)
+    assert result["metrics"]["rejected_by_reason"] == {"judge_low_score": 1}
+    assert result["rejected"][0]["source"]["row"] == 2 and result["rejected"][0]["judge_score"] == 2.0
+    assert [r["judge_score"] for r in result["kept"]] == [9.0, 9.0]
+    assert result["metrics"]["judge"] == {"cached": 0, "requests": 3, "unparseable": 0}
+    assert len(seen) == 3 and seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer sk-test"
+    assert seen[0]["body"]["model"] == "judge-7b" and "What is aspirin?" in seen[0]["body"]["messages"][0]["content"]
+    assert len(read_jsonl(cache)) == 3
+    again = clean_records(rows + [chat("What is codeine?", "An opioid.", 4)], p, cache)  # a rerun: only the new row
+    assert again["metrics"]["judge"] == {"cached": 3, "requests": 1, "unparseable": 0} and len(seen) == 4
+    with pytest.raises(StageError, match="clean.judge: http://127.0.0.1:9/v1/chat/completions unreachable"):
+        clean_records(rows, CleanParams(judge={**p.judge.model_dump(), "url": "http://127.0.0.1:9/v1", "retries": 0}),
+                      tmp_path / "other.jsonl")
