@@ -45,6 +45,7 @@ INTERNLM2_1_8B = dict(vocab_size=92544, hidden_size=2048, intermediate_size=8192
 SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 TARGET_TOKENS_PER_S = 45_000
+ISSUE_BASELINE_TOKENS_PER_S = 3_211  # the issue's own measurement of the same baseline on the lent H100
 STARTED = time.perf_counter()
 
 
@@ -162,6 +163,8 @@ def run_baseline(path: str, samples: list[dict], args, device) -> dict:
 
     result = timed_steps(step, groups, args.baseline_warmup, device)
     tokens = sum(len(e["input_ids"]) for g in groups[args.baseline_warmup:] for e in g)
+    if args.profile and device.type == "cuda":
+        profile(step, groups[-2:], args, "profile_baseline.txt")
     out = {"tokens_per_s": round(tokens / result["seconds"], 1), "timed_steps": args.baseline_steps,
            "timed_tokens": tokens, "peak_memory_gib": peak_gib(device),
            "setup": "transformers+peft, sdpa, batch 4 padded to the longest, gradient checkpointing, "
@@ -172,10 +175,11 @@ def run_baseline(path: str, samples: list[dict], args, device) -> dict:
     return out
 
 
-def project_params(args, device, quantize: str = "none", compile_: bool | None = None) -> TrainParams:
+def project_params(args, device, quantize: str = "none", compile_: bool | None = None,
+                   attn: str | None = None) -> TrainParams:
     return TrainParams(
         lr=2e-4, dtype="bfloat16" if device.type == "cuda" else "float32", quantize=quantize, max_length=args.max_length,
-        pack=True, pack_tokens=args.step_tokens, step_tokens=args.step_tokens, attn_implementation=args.attn,
+        pack=True, pack_tokens=args.step_tokens, step_tokens=args.step_tokens, attn_implementation=attn or args.attn,
         loss_chunk_size=args.loss_chunk, compile=(not args.no_compile) if compile_ is None else compile_,
         gradient_checkpointing=False, lora=LoraParams(r=64, alpha=16, dropout=0.1, target_modules=TARGETS))
 
@@ -190,30 +194,38 @@ def run_project(path: str, samples: list[dict], p: TrainParams, args, device, n_
     model = build_model(path, None, p, device)
     optimizer = make_optimizer(model, p, device)
     model.train()
-    steps = plan_steps(samples, p)[:args.warmup + args.steps]
-    if len(steps) < args.warmup + args.steps:
+    n_steps = args.warmup + args.steps * args.repeat
+    steps = plan_steps(samples, p)[:n_steps]
+    if len(steps) < n_steps:
         raise SystemExit("not enough samples for the requested steps")
     groups = [[samples[i] for i in s] for s in steps]
+    step = lambda g: train_step(model, make_batch(g, p, 0, device), optimizer, p)  # noqa: E731
     t0 = time.perf_counter()
-    result = timed_steps(lambda g: train_step(model, make_batch(g, p, 0, device), optimizer, p), groups,
-                         args.warmup, device)
+    for g in groups[:args.warmup]:  # torch.compile compiles here
+        step(g)
+    runs, losses = [], []
+    for r in range(args.repeat):  # the same steps' code timed repeat times, on fresh batches each time
+        chunk = groups[args.warmup + r * args.steps:args.warmup + (r + 1) * args.steps]
+        result = timed_steps(step, chunk, 0, device)
+        runs.append(sum(len(e["input_ids"]) for g in chunk for e in g) / result["seconds"])
+        losses += result["losses"]
     log(f"project ({p.quantize}, compile={p.compile}): warmup+timed took {time.perf_counter() - t0:.1f}s")
     timed = groups[args.warmup:]
     tokens = sum(len(e["input_ids"]) for g in timed for e in g)
     rows = [make_batch(g, p, 0, "cpu")["input_ids"].shape for g in timed[:1]]
-    tps = tokens / result["seconds"]
-    out = {"tokens_per_s": round(tps, 1), "timed_steps": args.steps, "timed_tokens": tokens,
-           "tokens_per_step": round(tokens / args.steps), "batch_shape_first_step": list(rows[0]),
+    tps = sorted(runs)[len(runs) // 2]
+    out = {"tokens_per_s": round(tps, 1), "tokens_per_s_runs": [round(x, 1) for x in runs],
+           "timed_steps": args.steps * args.repeat, "timed_tokens": tokens,
+           "tokens_per_step": round(tokens / (args.steps * args.repeat)), "batch_shape_first_step": list(rows[0]),
            "peak_memory_gib": peak_gib(device),
            "mfu_4n_vs_measured_peak": round(tps * 4 * n_params / (peak * 1e12), 4) if peak else None,
            "mfu_4n_vs_790_tflops": round(tps * 4 * n_params / 790e12, 4),
            "params": {k: v for k, v in p.model_dump().items() if k not in ("backend", "seed", "epochs")},
-           "losses": result["losses"]}
+           "losses": losses}
     if check:
         out["loss_check"] = loss_check(model, samples[-args.check_samples:], p, device)
     if args.profile and device.type == "cuda":
-        profile(lambda g: train_step(model, make_batch(g, p, 0, device), optimizer, p), timed[:2], args,
-                f"profile_{p.quantize}.txt")
+        profile(step, timed[:2], args, f"profile_{p.quantize}.txt")
     del model, optimizer
     reset_memory(device)
     return out
@@ -225,11 +237,11 @@ def profile(step_fn, groups, args, name: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for g in groups:
             step_fn(g)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
     log("profile of %d steps:\n%s" % (len(groups), table))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -296,16 +308,19 @@ def run_qlora(path, samples, args, device, n_params, peak) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for train_throughput_<device>.json")
-    ap.add_argument("--steps", type=int, default=12, help="timed project steps")
+    ap.add_argument("--steps", type=int, default=10, help="timed project steps, per repeat")
+    ap.add_argument("--repeat", type=int, default=3, help="time the project this many times; report the median")
     ap.add_argument("--warmup", type=int, default=3, help="untimed project steps (compilation happens here)")
-    ap.add_argument("--baseline-steps", type=int, default=8)
-    ap.add_argument("--baseline-warmup", type=int, default=2)
+    ap.add_argument("--baseline-steps", type=int, default=12)
+    ap.add_argument("--baseline-warmup", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=16384, help="token budget (and packed row length) of a step")
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--attn", default="varlen", choices=["varlen", "flex_attention", "sdpa"])
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--check-samples", type=int, default=16)
     ap.add_argument("--skip", nargs="*", default=[], choices=["baseline", "qlora", "check"])
+    ap.add_argument("--also", nargs="*", default=[], choices=["no_compile", "flex_attention"],
+                    help="also time these variants of the project settings")
     ap.add_argument("--profile", action="store_true", help="kernel-time table of two project steps")
     ap.add_argument("--smoke", action="store_true", help="tiny model, tiny samples: exercise the code (CPU ok)")
     args = ap.parse_args()
@@ -327,7 +342,7 @@ def main() -> None:
                            "config": config, "lora": "r=64 alpha=16 dropout=0.1, 7 projections",
                            "sample_lengths": "lognormal median %d mean %d clipped %d..%d" % lengths,
                            "labels": "every token"}}
-    n_samples = max(64, (args.warmup + args.steps + 2) * args.step_tokens // lengths[1] * 12 // 10)
+    n_samples = max(64, (args.warmup + args.steps * args.repeat + 2) * args.step_tokens // lengths[1] * 12 // 10)
     samples = make_samples(n_samples, config["vocab_size"], *lengths, seed=0)
     with tempfile.TemporaryDirectory() as folder:
         n_params = write_random_model(config, Path(folder), device)
@@ -351,17 +366,35 @@ def main() -> None:
         log(f"project: {report['project']['tokens_per_s']} tokens/s")
         if "baseline" in report:
             report["ratio"] = round(report["project"]["tokens_per_s"] / report["baseline"]["tokens_per_s"], 2)
+        report["ratio_vs_issue_baseline_3211"] = round(report["project"]["tokens_per_s"] / ISSUE_BASELINE_TOKENS_PER_S, 2)
         report["target_tokens_per_s"] = TARGET_TOKENS_PER_S
         report["target_met"] = report["project"]["tokens_per_s"] >= TARGET_TOKENS_PER_S
         if "qlora" not in args.skip:
             report["qlora"] = run_qlora(folder, samples, args, device, n_params, peak)
             log(f"qlora: {report['qlora'].get('tokens_per_s', report['qlora'])}")
+        save(report, name, args)  # written now too, in case the variants below run out of time
+        variants = {"no_compile": dict(compile_=False), "flex_attention": dict(attn="flex_attention")}
+        for variant in args.also:  # other settings of the same path, for comparison (one timing each)
+            try:
+                report.setdefault("variants", {})[variant] = run_project(
+                    folder, samples, project_params(args, device, **variants[variant]),
+                    argparse.Namespace(**{**vars(args), "repeat": 1, "profile": False}), device, n_params, peak,
+                    check=False)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                report.setdefault("variants", {})[variant] = {"failed": f"{type(e).__name__}: {str(e)[:500]}"}
+                reset_memory(device)
+            log(f"variant {variant}: {report['variants'][variant].get('tokens_per_s')}")
+    print(save(report, name, args))
+
+
+def save(report: dict, name: str, args) -> str:
     text = json.dumps(report, indent=1)
     if args.out:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"train_throughput_{slug}.json").write_text(text + "\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import hashlib
+import time
 import html
 import os
 import re
@@ -121,8 +122,8 @@ HTML_TAG = re.compile(r"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:p|br
                       r"|section|article|header|footer|nav|label|dl|dt|dd)(?:\s[^<>]*)?/?>", re.I | re.S)
 HTML_BLOCK = re.compile(r"</?(?:p|br|div|li|tr|h[1-6]|table|ul|ol|pre|blockquote|hr|dd|dt)\b", re.I)
 HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
-WS_WORK = re.compile(r"[ \t]{2,}|[\t\r\f\v\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
-                     r"\x00-\x08\x0b-\x1f\x7f-\x9f]| \n|\n |\n{3,}|^\s|\s$")
+WS_ODD = re.compile(r"[\t\r\f\v\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
+                    r"\x00-\x08\x0b-\x1f\x7f-\x9f]")
 SPACES = re.compile(r"[ \t\f\v\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 INVISIBLE = re.compile(r"[\u200b-\u200d\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 LEADING_PUNCT = re.compile(r"^[，,。.、；;：:？?）)\s]+(?=\S)")  # what no sentence starts with
@@ -136,7 +137,7 @@ PII_PATTERNS = {
     "mobile": (r"(?<![0-9A-Za-z])(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?![0-9A-Za-z])", "[PHONE]"),
     "landline": (r"(?<![0-9A-Za-z])(?:\(0\d{2,3}\)|0\d{2,3}-)\d{7,8}(?![0-9A-Za-z])", "[PHONE]"),
 }
-PII_HINT = re.compile(r"\d{7}|\d{3}[- ]\d{4}|@")  # nothing to redact without one of these
+PII_HINT = re.compile(r"[0-9][0-9][0-9][0-9 -][0-9][0-9][0-9]|@")  # nothing to redact without one
 
 
 def id_card_ok(number: str) -> bool:
@@ -183,7 +184,8 @@ class TextFixer:
         if p.replacement_char == "strip" and "\ufffd" in text:
             self.fixes["replacement_char_stripped"] += 1
             text = text.replace("\ufffd", "")
-        if p.collapse_whitespace and WS_WORK.search(text):
+        if p.collapse_whitespace and (WS_ODD.search(text) or "  " in text or " \n" in text or "\n " in text
+                                      or "\n\n\n" in text or text[:1].isspace() or text[-1:].isspace()):
             fixed = INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
             fixed = "\n".join(SPACES.sub(" ", line).strip() for line in fixed.strip().split("\n"))
             fixed = re.sub(r"\n{3,}", "\n\n", fixed)
@@ -208,17 +210,30 @@ class TextFixer:
         return PII_PATTERNS[kind][1]
 
     def record(self, record: dict) -> dict:
+        """The record with every text fixed (a new dict if anything changed, and a new id)."""
+        changed = False
         messages = []
         for m in record["messages"]:
             content = self.text(m["content"])
-            if "tool_calls" in m and content != m["content"] and self.pii is not None:
-                m = {**m, "tool_calls": orjson.loads(self.pii.sub(self.redact, orjson.dumps(m["tool_calls"]).decode()))}
-            messages.append({**m, "content": content} if content != m["content"] else m)
+            if content != m["content"]:
+                changed = True
+                if "tool_calls" in m and self.pii is not None:
+                    m = {**m, "tool_calls": orjson.loads(self.pii.sub(self.redact, orjson.dumps(m["tool_calls"]).decode()))}
+                m = {**m, "content": content}
+            messages.append(m)
+        rejected = record.get("rejected")
+        if rejected is not None and (fixed := self.text(rejected["content"])) != rejected["content"]:
+            changed, rejected = True, {**rejected, "content": fixed}
+        text = record.get("text")
+        if text is not None and (fixed := self.text(text)) != text:
+            changed, text = True, fixed
+        if not changed:
+            return record
         record = {**record, "messages": messages}
-        if record.get("rejected") is not None:
-            record["rejected"] = {**record["rejected"], "content": self.text(record["rejected"]["content"])}
-        if record.get("text") is not None:
-            record["text"] = self.text(record["text"])
+        if rejected is not None:
+            record["rejected"] = rejected
+        if text is not None:
+            record["text"] = text
         record["id"] = record_id(record)
         return record
 
@@ -306,7 +321,7 @@ def near_duplicate_text(record: dict) -> str:
     return record["text"] if record.get("text") is not None else prompt_key(record) + "\n" + answer_text(record).casefold()
 
 
-def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 20_000) -> np.ndarray:
+def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000) -> np.ndarray:
     """MinHash signatures of the character n-gram sets of `texts`, computed for many texts at once
     with numpy. Exactly datasketch's MinHash(num_perm, seed, scheme="affine32") fed the n-grams with
     `ngram_hash32` as hash function (tests/test_data_stages.py checks), only ~100x faster: n-gram
@@ -362,18 +377,34 @@ def ngram_hash32(gram: bytes | str) -> int:
 
 def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
     """For each text, the index of the first text of its near-duplicate group (itself if none).
-    Candidates come from datasketch's MinHashLSH; a pair joins a group only if its exact Jaccard
-    similarity reaches the threshold (MinHash estimates are noisy on short texts: templated
-    answers about two different drugs would otherwise merge)."""
-    from datasketch import LeanMinHash, MinHashLSH
+    Locality-sensitive hashing over the MinHash signatures, with the bands datasketch's
+    MinHashLSH picks for the threshold (b bands of r rows), bucketed for all texts at once with
+    numpy rather than one dict insert and query per text (~20x faster on 1M rows). A candidate
+    pair joins a group only if its exact Jaccard similarity reaches the threshold: MinHash
+    estimates are noisy on short texts (templated answers about two drugs would merge)."""
+    from datasketch import MinHashLSH
 
+    n = len(texts)
     sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed)
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
-    leans = [LeanMinHash(seed=nd.seed, hashvalues=s, scheme="affine32") for s in sigs]
-    with lsh.insertion_session(buffer_size=100_000) as session:
-        for i, lean in enumerate(leans):
-            session.insert(i, lean, check_duplication=False)
-    parent = list(range(len(texts)))
+    candidates = []
+    for band in range(lsh.b):
+        h = np.zeros(n, dtype=np.uint64)
+        for column in range(band * lsh.r, (band + 1) * lsh.r):
+            h = h * np.uint64(0x100000001B3) + sigs[:, column]
+        order = np.argsort(h, kind="stable")
+        ordered = h[order]
+        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+        first = order[starts][np.cumsum(np.concatenate([[True], ordered[1:] != ordered[:-1]])) - 1]
+        same = first != order
+        candidates.append(first[same].astype(np.int64) * n + order[same])  # (first of bucket, member)
+    pairs = np.unique(np.concatenate(candidates)) if candidates else np.empty(0, dtype=np.int64)
+    left, right = pairs // n, pairs % n
+    keep = np.zeros(len(pairs), dtype=bool)
+    for lo in range(0, len(pairs), 200_000):  # MinHash estimate first: only plausible pairs get the exact check
+        sl = slice(lo, lo + 200_000)
+        keep[sl] = (sigs[left[sl]] == sigs[right[sl]]).mean(axis=1) >= nd.threshold - 0.25
+    parent = list(range(n))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -387,15 +418,14 @@ def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
         for k in (i, j):
             if k not in grams:
                 t = texts[k]
-                grams[k] = {t[n:n + nd.ngram] for n in range(max(1, len(t) - nd.ngram + 1))}
+                grams[k] = {t[m:m + nd.ngram] for m in range(max(1, len(t) - nd.ngram + 1))}
         return len(grams[i] & grams[j]) / len(grams[i] | grams[j])
 
-    for i, lean in enumerate(leans):
-        for j in lsh.query(lean):
-            if j != i and root(i) != root(j) and jaccard(i, j) >= nd.threshold:
-                ri, rj = root(i), root(j)
-                parent[max(ri, rj)] = min(ri, rj)
-    return [root(i) for i in range(len(texts))]
+    for i, j in zip(left[keep].tolist(), right[keep].tolist()):
+        ri, rj = root(i), root(j)
+        if ri != rj and jaccard(i, j) >= nd.threshold:
+            parent[max(ri, rj)] = min(ri, rj)
+    return [root(i) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +502,13 @@ LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
     """Fix, check and deduplicate records. Returns kept and rejected records (each rejected one
     with its reason), conflicts (the same question, different answers) and metrics."""
+    clock, seconds = time.perf_counter(), {}
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        seconds[phase] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     fixer = TextFixer(p)
     placeholders = {placeholder(fixer.text(t)) for t in p.placeholder_answers}
     include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
@@ -488,13 +525,14 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
             key = duplicate_key(record)
             first = seen.get(key)
             if first is not None:
-                reason, record["duplicate_of"] = "duplicate", first
+                reason, record = "duplicate", {**record, "duplicate_of": first}
             else:
                 seen[key] = record["source"]
         if reason:
             rejected.append({**record, "reason": reason})
         else:
             kept.append(record)
+    lap("read_fix_check_dedup")
 
     def drop(flags: list[str | None], extra: list[dict] | None = None) -> None:
         nonlocal kept
@@ -523,7 +561,8 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         else:
             for i, r in enumerate(roots):
                 if members[r] > 1:
-                    kept[i]["group"] = kept[r]["id"]
+                    kept[i] = {**kept[i], "group": kept[r]["id"]}  # records in are never changed in place
+    lap("near_duplicates")
 
     by_prompt: dict[str, list[int]] = defaultdict(list)  # 5: conflicting answers
     for i, r in enumerate(kept):
@@ -541,6 +580,7 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
                 if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and n > 0):
                     flags[i] = "conflicting_answer"
     drop(flags)
+    lap("conflicts")
 
     judge_stats: Counter = Counter()
     if p.judge.enabled and kept:  # 6: the LLM judge
@@ -549,8 +589,7 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         scores = judge_scores(kept, p.judge, judge_cache, judge_stats)
         drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores],
              [{"judge_score": s} for s in scores])
-        for r, s in zip(kept, [s for s in scores if s is None or s >= p.judge.min_score]):
-            r["judge_score"] = s
+        kept = [{**r, "judge_score": s} for r, s in zip(kept, [s for s in scores if s is None or s >= p.judge.min_score])]
     elif judge_cache is not None and not judge_cache.exists():
         with atomic_path(judge_cache) as tmp:
             tmp.write_bytes(b"")
@@ -586,7 +625,9 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         for v in values:
             histogram[bisect.bisect_right(LENGTH_BINS, v) - 1][name] += 1
     assert metrics["rows_in"] == sum(rows_in.values()), "clean lost rows"
-    return {"kept": kept, "rejected": rejected, "conflicts": conflicts, "metrics": metrics, "histogram": histogram}
+    lap("judge_and_data_card")
+    return {"kept": kept, "rejected": rejected, "conflicts": conflicts, "metrics": metrics, "histogram": histogram,
+            "seconds": seconds}  # timings are printed, never written: outputs stay reproducible
 
 
 def summary(values: list[int]) -> dict:
@@ -620,6 +661,7 @@ def main() -> None:
     print(f"clean: kept {m['rows_kept']}, rejected {m['rows_rejected']} {m['rejected_by_reason']}; "
           f"fixes {m['fixes']}; redacted {m['pii_redacted']}; {m['conflicting_questions']} questions with "
           f"conflicting answers -> {args.conflicts}")
+    print(f"clean: seconds by phase {result['seconds']}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", 
 class Source(Params):
     path: str
     format: Literal["auto", "table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text"] = "auto"
-    encoding: str = "auto"                      # csv/json/txt: auto (BOM, UTF-8, else detected) or a codec name
+    encoding: str = "auto"                      # auto: csv/txt BOM, UTF-8, else detected; JSON BOM or UTF-8
     sheet: str | int | None = None              # xlsx: sheet name or 0-based index; default the first
     delimiter: str | None = None                # csv: default sniffed from the header line (, tab ; |)
     question: str | list[str] | None = None     # table: column(s) of the user turn; default detected
@@ -276,16 +276,22 @@ def read_docx(src: Source, info: dict, limit: int) -> Iterator[tuple[int, dict]]
     except re.error as e:
         raise StageError(f"{src.path}: ingest.sources[].question_pattern/answer_pattern: invalid regex ({e})") from None
     info["mapping"] = {"question_pattern": q_start.pattern, "answer_pattern": a_start.pattern}
-    blocks, section, block = [], "", None
+    blocks, section, block, fresh = [], "", None, True
     for number, text in enumerate(paragraphs, start=1):
         if not text.strip():
             continue
         if SECTION.match(text) and not q_start.match(text):
-            section = text.strip()
+            section, fresh = text.strip(), True  # numbering may start again
             continue
-        if (m := q_start.match(text)) is not None:
-            block = {"row": number, "question": [text[m.end():]], "answer": None, "section": section}
+        m = q_start.match(text)
+        qnum = int(d[0]) if m is not None and (d := re.search(r"\d+", m[0])) else None
+        # "1." inside an answer or a question (a list, options) is not the next question: that is
+        # numbered one more than this one (or unnumbered, like 【问题】)
+        if m is not None and (fresh or block is None or qnum is None or block["number"] is None
+                              or qnum == block["number"] + 1):
+            block = {"row": number, "number": qnum, "question": [text[m.end():]], "answer": None, "section": section}
             blocks.append(block)
+            fresh = False
         elif block is not None and block["answer"] is None and (m := a_start.match(text)) is not None:
             block["answer"] = [text[m.end():]]
         elif block is not None:
@@ -464,6 +470,7 @@ def convert(fmt: str, src: Source, row: dict, mapping: dict, limit: int) -> tupl
             system = [{"role": "system", "content": text_field(row, src.system_column, src.system_column, limit)}]
         used = {*qcols, mapping["answer"], src.system_column}
     elif fmt == "alpaca":
+        k = lambda name: mapping.get(name) or src.fields.get(name, name)  # noqa: E731 (detected table headers)
         prompt = "\n\n".join(t for t in (text_field(row, k("instruction"), k("instruction"), limit),
                                          text_field(row, k("input"), k("input"), limit, required=False)) if t.strip())
         history = []
@@ -570,8 +577,8 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
     """Detect what a source is (returned as a dict, before any record is read) and its records.
     sheet_in_source: name the sheet in each record's source (when one workbook is listed twice)."""
     container = container_of(src)
-    info: dict = {"sheet_in_source": sheet_in_source, "container": container, "encoding": None, "format": src.format, "detected": src.format == "auto",
-                  "mapping": {}}
+    info: dict = {"container": container, "encoding": None, "format": src.format, "detected": src.format == "auto",
+                  "mapping": {}, "sheet_in_source": sheet_in_source}
     unit = "row"
     if container in ("xlsx", "csv"):
         header, rows = read_xlsx(src, info) if container == "xlsx" else read_csv(src, info, limit)
@@ -626,7 +633,7 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
 
 def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], limit: int) -> Iterator[dict]:
     unit, mapping = info["unit"], info["mapping"]
-    info["rows"] = info["blank_rows"] = 0
+    info["rows"] = info["blank_rows"] = info["rows_with_tools"] = 0
     for number, row in rows:
         if not isinstance(row, dict):
             raise StageError(f"{src.path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
@@ -642,6 +649,7 @@ def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], 
         record = {"id": "", "source": source, "messages": messages, "meta": meta, **extra}
         record["id"] = record_id(record)
         info["rows"] += 1
+        info["rows_with_tools"] += "tools" in extra
         yield record
 
 
@@ -652,7 +660,8 @@ def describe(info: dict) -> str:
         parts.append(f"sheet '{info['sheet']}'")
     if info.get("encoding"):
         parts.append(f"encoding {info['encoding']}")
-    parts.append(f"format {info['format']}" + (" (detected)" if info["detected"] else ""))
+    parts.append(f"format {info['format']}" + (" (detected)" if info["detected"] else "")
+                 + (f" with tools in {info['rows_with_tools']} rows" if info.get("rows_with_tools") else ""))
     if info["mapping"]:
         parts.append("mapping " + orjson.dumps(info["mapping"]).decode())
     return ", ".join(parts)
@@ -684,6 +693,8 @@ def main() -> None:
             print(f"ingest: {src.path}: {info['rows']} rows; {describe(info)}")
 
     total = write_records(args.out, every_record())
+    for info in infos.values():
+        info.pop("sheet_in_source")
     write_json(args.metrics, {"rows_total": total,
                               "rows_per_source": {path: info["rows"] for path, info in infos.items()},
                               "sources": infos})

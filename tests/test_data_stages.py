@@ -207,16 +207,16 @@ def test_docx_exam_paper(tmp_path):
 
     document = docx.Document()
     for text in ["2023年公务员考试模拟卷", "一、单项选择题", "1. 下列哪项属于法律行为？（  ）", "A. 签订合同", "B. 散步",
-                 "答案：A", "解析：签订合同产生法律后果。", "2、我国的根本大法是什么？", "【参考答案】宪法",
-                 "二、申论", "第3题 请概括材料中的主要问题。", "3. 没有答案的题"]:
+                 "答案：A", "解析：签订合同产生法律后果。", "1. 合同是民事法律行为", "2、我国的根本大法是什么？", "【参考答案】宪法",
+                 "二、申论", "第3题 请概括材料中的主要问题。", "4. 没有答案的题"]:
         document.add_paragraph(text)
     document.save(tmp_path / "exam.docx")
     info, records = ingest_one(tmp_path / "exam.docx")
     assert info["format"] == "exam"
-    assert [r["source"]["row"] for r in records] == [3, 8, 11, 12]  # paragraph each question starts at
+    assert [r["source"]["row"] for r in records] == [3, 9, 12, 13]  # paragraph each question starts at
     first = records[0]["messages"]
     assert first[0]["content"] == "下列哪项属于法律行为？（  ）\nA. 签订合同\nB. 散步"
-    assert first[1]["content"] == "A\n解析：签订合同产生法律后果。"
+    assert first[1]["content"] == "A\n解析：签订合同产生法律后果。\n1. 合同是民事法律行为"  # a list, not question 1
     assert records[1]["messages"][1]["content"] == "宪法" and records[1]["meta"] == {"section": "一、单项选择题"}
     assert records[2]["meta"] == {"section": "二、申论"} and records[3]["messages"][1]["content"] == ""
     assert clean_records(records, CleanParams())["metrics"]["rejected_by_reason"] == {"empty_turn": 2}
@@ -447,3 +447,29 @@ def test_llm_judge_scores_and_caches(tmp_path, judge_server, monkeypatch):
     with pytest.raises(StageError, match="clean.judge: http://127.0.0.1:9/v1/chat/completions unreachable"):
         clean_records(rows, CleanParams(judge={**p.judge.model_dump(), "url": "http://127.0.0.1:9/v1", "retries": 0}),
                       tmp_path / "other.jsonl")
+
+
+def test_alpaca_sheet_and_one_workbook_listed_twice(workdir):
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    wb.active.title = "train"
+    for row in (["Instruction", "Input", "Output"], ["Translate", "猫", "cat"]):
+        wb.active.append(row)
+    other = wb.create_sheet("extra")
+    for row in (["Instruction", "Input", "Output"], ["Translate", "狗", "dog"]):
+        other.append(row)
+    (workdir / "data/raw").mkdir(parents=True)
+    wb.save(workdir / "data/raw/alpaca.xlsx")
+    write_params(workdir, {"ingest": {"sources": [{"path": "data/raw/alpaca.xlsx", "sheet": "train"},
+                                                  {"path": "data/raw/alpaca.xlsx", "sheet": "extra"}]}})
+    run_stage(workdir, "ingest")
+    records = read_jsonl(workdir / "data/ingested/records.jsonl")
+    assert [r["messages"][1]["content"] for r in records] == ["cat", "dog"]
+    assert records[1]["source"] == {"file": "data/raw/alpaca.xlsx", "row": 2, "sheet": "extra"}
+    metrics = json.loads((workdir / "metrics/ingest.json").read_text())
+    assert metrics["rows_per_source"] == {"data/raw/alpaca.xlsx#train": 1, "data/raw/alpaca.xlsx#extra": 1}
+    assert metrics["sources"]["data/raw/alpaca.xlsx#extra"]["format"] == "alpaca"
+    run_stage(workdir, "clean")
+    clean = json.loads((workdir / "metrics/clean.json").read_text())
+    assert set(clean["by_source"]) == {"data/raw/alpaca.xlsx#train", "data/raw/alpaca.xlsx#extra"}

@@ -105,5 +105,5 @@ def test_an_experiment_shows_in_dvc_and_mlflow(checkout):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["tunepipe"])
     assert len(runs) == 2
-    assert sorted(runs["params.train.lr"]) == ["0.001", "0.002"]
+    assert sorted(runs["params.train.lr"]) == ["0.001", "0.003"]
     assert set(runs["tags.dvc_exp_name"]) - {""}, "the experiment's run names its DVC experiment"

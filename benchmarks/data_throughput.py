@@ -1,0 +1,202 @@
+"""Throughput of the data stages (ingest + clean + split) on a 100k-row xlsx and a 1M-row jsonl.
+
+    .venvs/core/bin/python benchmarks/data_throughput.py [--xlsx-rows 100000] [--jsonl-rows 1000000]
+
+Rows are drawn from the distributions of ../shared/data (MedInfo2019 questions and answers, the
+Chinese medical dialogues, MedicalGPT's ShareGPT conversations): each row combines a real question
+with a patient context and a real answer with a sentence of another answer, so lengths and
+scripts are the real ones and rows are mostly distinct; 5% exact duplicates, 2% near-duplicates,
+1% placeholder answers and 0.5% empty answers are mixed in, as real exports have them.
+
+The stages run as `dvc repro` runs them (their main(), with params.yaml's clean rules, files in
+and out), in a temporary folder. Next to them, in the same run, the tutorial-style baseline:
+pandas read (read_excel / read_json) + iterrows + json.dump per row. A benchmark, not a test:
+it prints figures and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+CONTEXTS = ["", "", "我今年{a}岁，", "孩子{a}个月大，", "My mother is {a} and ", "I am {a} years old; ", "老人{a}岁了，",
+            "患者男，{a}岁，", "患者女，{a}岁，", "Quick question: "]
+
+
+def pools() -> tuple[list[tuple[str, str]], list[str]]:
+    """(question, answer) pairs and answer sentences from the shared data."""
+    import csv
+
+    from python_calamine import CalamineWorkbook
+
+    pairs = []
+    rows = CalamineWorkbook.from_path(str(SHARED / "medication_qa/MedInfo2019-QA-Medications.xlsx")) \
+        .get_sheet_by_name("DrugQA").to_python()
+    pairs += [(str(r[0]), str(r[3])) for r in rows[1:] if r[0] and r[3]]
+    with open(SHARED / "chinese_medical_dialogue/neike_5000_6000_gb18030.csv", encoding="gb18030", newline="") as f:
+        pairs += [(r["ask"], r["answer"]) for r in csv.DictReader(f)]
+    with open(SHARED / "medicalgpt/medical_sft_1K_format.jsonl", encoding="utf-8") as f:
+        for line in f:
+            turns = json.loads(line)["conversations"]
+            pairs.append((turns[0]["value"], turns[1]["value"]))
+    sentences = [s + "。" for _, a in pairs for s in a.split("。") if 8 < len(s) < 120]
+    return pairs, sentences
+
+
+def rows(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """n (question, answer, department) rows with realistic problems mixed in."""
+    rng = random.Random(seed)
+    pairs, sentences = pools()
+    out: list[tuple[str, str, str]] = []
+    for i in range(n):
+        roll = rng.random()
+        if out and roll < 0.05:
+            out.append(out[rng.randrange(len(out))])            # exact duplicate
+            continue
+        if out and roll < 0.07:
+            q, a, d = out[rng.randrange(len(out))]               # near-duplicate: one word more
+            out.append((q, a + rng.choice(["", "谢谢。", " Thanks."]) + "。", d))
+            continue
+        q, a = pairs[rng.randrange(len(pairs))]
+        q = rng.choice(CONTEXTS).format(a=rng.randint(1, 90)) + q
+        a = a + " " + rng.choice(sentences) + f"（{i}）"
+        if roll < 0.08:
+            a = rng.choice(["No answers", "Unanswerable", "无"])
+        elif roll < 0.085:
+            a = ""
+        out.append((q, a, rng.choice(["内科", "肝病科", "Pharmacy", "消化科"])))
+    return out
+
+
+def write_xlsx(path: Path, data: list[tuple[str, str, str]]) -> None:
+    from openpyxl import Workbook
+
+    wb = Workbook(write_only=True)
+    ws = wb.create_sheet("QA")
+    ws.append(["Question", "Answer", "Department"])
+    for q, a, d in data:
+        ws.append([q, a, d])
+    wb.save(path)
+
+
+def write_jsonl(path: Path, data: list[tuple[str, str, str]]) -> None:
+    with open(path, "wb") as f:
+        for q, a, d in data:
+            f.write(orjson.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+                                  "department": d}) + b"\n")
+
+
+def run_stages(folder: Path, source: dict) -> dict:
+    """ingest, clean, split as dvc runs them; seconds per stage and what they printed."""
+    import importlib
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["sources"] = [source]
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    timings, printed = {}, {}
+    previous, argv = os.getcwd(), sys.argv
+    os.chdir(folder)
+    try:
+        for stage in ("ingest", "clean", "split"):
+            module = importlib.import_module(f"stages.{stage}")
+            sys.argv = [stage]
+            buffer = io.StringIO()
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(buffer):
+                module.main()
+            timings[stage] = time.perf_counter() - start
+            printed[stage] = buffer.getvalue().strip().splitlines()[-1]
+    finally:
+        os.chdir(previous)
+        sys.argv = argv
+    return {"seconds": timings, "printed": printed,
+            "clean": json.loads((folder / "metrics/clean.json").read_text()),
+            "split": json.loads((folder / "metrics/split.json").read_text())}
+
+
+def baseline(path: Path, out: Path, limit: int | None = None) -> tuple[int, float]:
+    """The tutorial way: pandas read + iterrows + json.dump per row."""
+    import pandas as pd
+
+    start = time.perf_counter()
+    if path.suffix == ".xlsx":
+        df = pd.read_excel(path, engine="openpyxl")
+    else:
+        df = pd.read_json(path, lines=True, nrows=limit)
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for _, row in df.iterrows():
+            if path.suffix == ".xlsx":
+                messages = [{"role": "user", "content": str(row["Question"])},
+                            {"role": "assistant", "content": str(row["Answer"])}]
+            else:
+                messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                            for t in row["conversations"]]
+            json.dump({"messages": messages}, f, ensure_ascii=False)
+            f.write("\n")
+            n += 1
+    return n, time.perf_counter() - start
+
+
+def report(name: str, n: int, result: dict, base: tuple[int, float], target: int) -> None:
+    s = result["seconds"]
+    total = sum(s.values())
+    base_rate = base[0] / base[1]
+    print(f"\n{name}: {n:,} rows")
+    for stage, seconds in s.items():
+        print(f"  {stage:<7} {seconds:7.1f} s  {n / seconds:>10,.0f} rows/s   {result['printed'][stage][:150]}")
+    print(f"  ingest+clean+split: {total:.1f} s = {n / total:,.0f} rows/s (target {target:,})")
+    print(f"  baseline (pandas + iterrows + json.dump, {base[0]:,} rows): {base[1]:.1f} s = {base_rate:,.0f} rows/s"
+          f" -> pipeline {n / total / base_rate:.1f}x")
+    c = result["clean"]
+    print(f"  clean: kept {c['rows_kept']:,} + rejected {c['rows_rejected']:,} = {c['rows_in']:,} "
+          f"{c['rejected_by_reason']}; split leakage {result['split']['leakage_rows']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--xlsx-rows", type=int, default=100_000)
+    ap.add_argument("--jsonl-rows", type=int, default=1_000_000)
+    ap.add_argument("--baseline-jsonl-rows", type=int, default=100_000, help="iterrows on 1M rows takes minutes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is absent: the benchmark draws its rows from the shared data sets")
+
+    with tempfile.TemporaryDirectory(prefix="tunepipe-bench-") as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        data = rows(max(args.xlsx_rows, args.jsonl_rows), args.seed)
+        write_xlsx(tmp / "qa.xlsx", data[:args.xlsx_rows])
+        write_jsonl(tmp / "chat.jsonl", data[:args.jsonl_rows])
+        print(f"built {tmp / 'qa.xlsx'} ({args.xlsx_rows:,} rows, {(tmp / 'qa.xlsx').stat().st_size / 1e6:.1f} MB) and "
+              f"chat.jsonl ({args.jsonl_rows:,} rows, {(tmp / 'chat.jsonl').stat().st_size / 1e6:.0f} MB) "
+              f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs")
+        del data
+
+        for name, file, source, target, limit in (
+                ("xlsx", "qa.xlsx", {"path": str(tmp / "qa.xlsx")}, 50_000, None),
+                ("jsonl", "chat.jsonl", {"path": str(tmp / "chat.jsonl")}, 80_000, args.baseline_jsonl_rows)):
+            base = baseline(tmp / file, tmp / f"baseline-{name}.jsonl", limit)
+            folder = tmp / f"run-{name}"
+            folder.mkdir()
+            result = run_stages(folder, source)
+            report(name, result["clean"]["rows_in"], result, base, target)
+
+
+if __name__ == "__main__":
+    main()
