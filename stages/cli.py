@@ -5,9 +5,10 @@
 
 `inspect` runs the pipeline's own ingest and clean code on files outside the pipeline and prints,
 per file, the detected container, encoding, format and column mapping, the counts (rows read =
-kept + rejected, by reason), three samples and the problems found. Nothing is written. The `ingest`
-and `clean` params of ./params.yaml (or --params) apply, with the file's own entry in
-ingest.sources if it has one; flags override them. The LLM judge runs only with --judge.
+kept + rejected, by reason), three samples and the problems found. Nothing is written (but the
+judge's cache, with --judge). The `ingest` and `clean` params of ./params.yaml (or --params) apply,
+with the file's own entry in ingest.sources if it has one; flags override them. The LLM judge runs
+only with --judge.
 Exit status: 0 when every file could be read, 1 when one could not (its error says file, row and
 column).
 """

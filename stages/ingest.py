@@ -589,8 +589,8 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
         needed = (mapping["question"] if isinstance(mapping.get("question"), list) else [mapping.get("question")]) + [
             mapping.get("answer"), src.system_column, *(src.meta or {}).values()]
         if fmt == "alpaca":
-            needed = [src.fields.get("instruction", "instruction"), src.fields.get("output", "output"),
-                      *(src.meta or {}).values()]
+            needed = [mapping.get(k) or src.fields.get(k, k) for k in ("instruction", "output")] + [
+                mapping.get("input"), *(src.meta or {}).values()]
         for column in filter(None, needed):
             if column not in header:
                 close = difflib.get_close_matches(column, header, n=1, cutoff=0.6) or [

@@ -439,8 +439,9 @@ def test_llm_judge_scores_and_caches(tmp_path, judge_server, monkeypatch):
     assert result["rejected"][0]["source"]["row"] == 2 and result["rejected"][0]["judge_score"] == 2.0
     assert [r["judge_score"] for r in result["kept"]] == [9.0, 9.0]
     assert result["metrics"]["judge"] == {"cached": 0, "requests": 3, "unparseable": 0}
-    assert len(seen) == 3 and seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer sk-test"
-    assert seen[0]["body"]["model"] == "judge-7b" and "What is aspirin?" in seen[0]["body"]["messages"][0]["content"]
+    assert len(seen) == 3 and {(s["path"], s["auth"], s["body"]["model"]) for s in seen} == {
+        ("/v1/chat/completions", "Bearer sk-test", "judge-7b")}  # requests run in parallel, in any order
+    assert any("What is aspirin?" in s["body"]["messages"][0]["content"] for s in seen)
     assert len(read_jsonl(cache)) == 3
     again = clean_records(rows + [chat("What is codeine?", "An opioid.", 4)], p, cache)  # a rerun: only the new row
     assert again["metrics"]["judge"] == {"cached": 3, "requests": 1, "unparseable": 0} and len(seen) == 4

@@ -107,3 +107,13 @@ def test_an_experiment_shows_in_dvc_and_mlflow(checkout):
     assert len(runs) == 2
     assert sorted(runs["params.train.lr"]) == ["0.001", "0.003"]
     assert set(runs["tags.dvc_exp_name"]) - {""}, "the experiment's run names its DVC experiment"
+
+
+def test_an_eval_param_reruns_only_eval_and_what_follows(checkout):
+    root, env, _ = checkout
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["eval"]["max_new_tokens"] = 48
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
+    ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran == ["eval", "register", "upload"]
