@@ -35,6 +35,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from stages.awq import dequantize_linear
 from stages.common import (IM_END, Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
                            run_stage, write_json, write_jsonl)
 
@@ -61,7 +62,6 @@ CHAT_META_TEMPLATE = dict(
 RUN_NAME = "tunepipe_eval"                 # OpenCompass work dir: outputs/<RUN_NAME>/<timestamp>/
 CONFIG_NAME = "opencompass_config.py"
 TURBOMIND_ABBR = "turbomind_w4a16_dequant"
-AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # lmdeploy/AutoAWQ "gemm" layout: 8 int4 per int32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,28 +96,6 @@ def find_awq_dir(artifact: Path) -> Path:
         if cfg.exists() and "quantization_config" in json.loads(cfg.read_text(encoding="utf-8")):
             return cand
     raise StageError(f"{artifact}: no config.json with a quantization_config (not an lmdeploy AWQ checkpoint)")
-
-
-def unpack_int4(packed, order=AWQ_PACK_ORDER):
-    """int32 [rows, cols] -> int [rows, cols*8]; nibble i of column c holds column c*8+order[i]."""
-    import torch
-
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.to(torch.int32)[:, :, None] >> shifts) & 0xF     # [rows, cols, 8]
-    out = torch.empty_like(nibbles)
-    out[:, :, order] = nibbles
-    return out.reshape(packed.shape[0], -1)
-
-
-def dequantize_linear(qweight, qzeros, scales, group_size: int):
-    """AWQ gemm layout (qweight [in, out/8], qzeros [in/g, out/8], scales [in/g, out]) ->
-    float32 weight [out, in] = (q - zero) * scale, as lmdeploy's pseudo_quantize_tensor made it."""
-    import torch
-
-    q = unpack_int4(qweight).to(torch.float32)                                   # [in, out]
-    z = unpack_int4(qzeros).to(torch.float32).repeat_interleave(group_size, 0)   # [in, out]
-    s = scales.to(torch.float32).repeat_interleave(group_size, 0)                # [in, out]
-    return ((q - z) * s).t().contiguous()
 
 
 def dequantize_awq(src: Path, dst: Path, dtype: str) -> dict:

@@ -35,6 +35,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from stages.awq import dequantize_linear
 from stages.common import (
     IM_END,
     STOP_TOKEN,
@@ -190,25 +191,6 @@ def write_lmdeploy_chat_template(path: Path) -> None:
 
 # --- check --------------------------------------------------------------------------------------
 
-def unpack_awq_gemm(x):
-    """int32 [R, C/8] -> int [R, C]: AWQ gemm packs 8 nibbles per int32 in order 0,2,4,6,1,3,5,7;
-    TurboMind's loader (lmdeploy/turbomind/weight_format.py _unpack_awq_gemm) reads them back
-    in order 0,4,1,5,2,6,3,7. Written out here because that module needs the CUDA extension."""
-    import torch
-
-    nibbles = [(x >> (4 * i)) & 15 for i in range(8)]
-    return torch.stack([nibbles[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)], dim=-1).reshape(x.shape[0], -1)
-
-
-def dequantize(qweight, scales, qzeros):
-    """AWQ gemm tensors -> an nn.Linear weight [out, in]: (q - z) * s per group of input rows."""
-    q = unpack_awq_gemm(qweight).float()          # [in, out]
-    z = unpack_awq_gemm(qzeros).float()           # [in/g, out]
-    group = q.shape[0] // scales.shape[0]
-    w = (q.unflatten(0, (-1, group)) - z[:, None]) * scales.float()[:, None]
-    return w.flatten(0, 1).t().contiguous()
-
-
 def check_layout(out: Path, p: TurbomindParams) -> tuple[dict, int]:
     """What TurboMind's loader requires of an AWQ checkpoint (AWQFormat.accepts, get_tm_config):
     returns (the dequantized state dict, number of quantized linears)."""
@@ -243,7 +225,7 @@ def check_layout(out: Path, p: TurbomindParams) -> tuple[dict, int]:
         if not ok:
             raise StageError(f"{prefix}: qweight {qw.dtype}{list(qw.shape)} scales {s.dtype}{list(s.shape)} "
                              f"qzeros {qz.dtype}{list(qz.shape)} is not TurboMind's AWQ gemm layout")
-        state[f"{prefix}.weight"] = dequantize(qw, s, qz)
+        state[f"{prefix}.weight"] = dequantize_linear(qw, qz, s, p.w_group_size)
     return state, len(prefixes)
 
 

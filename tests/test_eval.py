@@ -299,7 +299,7 @@ print(json.dumps({"removed": not hasattr(transformers.PreTrainedTokenizerBase, "
 def test_dequantize_matches_packer():
     """dequantize_linear inverts lmdeploy's AWQ gemm packing (mirrored here; see the lmdeploy test)."""
     torch = pytest.importorskip("torch")
-    from stages.eval import AWQ_PACK_ORDER, dequantize_linear, unpack_int4
+    from stages.awq import AWQ_PACK_ORDER, dequantize_linear, unpack_int4
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (256, 64), generator=gen, dtype=torch.int32)      # [in, out]
@@ -325,7 +325,7 @@ def test_dequantize_matches_lmdeploy(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from stages.eval import dequantize_linear
+    from stages.awq import dequantize_linear
 
     pack = r'''
 import sys, torch

@@ -195,21 +195,21 @@ def test_artifact_tokenizer_is_the_merged_one(run):
 
 
 def test_dequantize_inverts_lmdeploys_packing():
-    """stages.turbomind.dequantize (TurboMind's unpack order) against lmdeploy's own packer."""
+    """stages.awq.dequantize_linear (TurboMind's unpack order) against lmdeploy's own packer."""
     code = """
 import torch
 from lmdeploy.lite.quantization import WeightQuantizer
 from lmdeploy.lite.quantization.awq import pseudo_quantize_tensor
 from lmdeploy.lite.quantization.modules import WeightOnlyQLinear
 from lmdeploy.lite.utils import QParams
-from stages.turbomind import dequantize
+from stages.awq import dequantize_linear
 torch.manual_seed(0)
 fc = torch.nn.Linear(256, 96).half()
 want = pseudo_quantize_tensor(fc.weight.data.clone(), 4, 128).float()
 q, s, z = pseudo_quantize_tensor(fc.weight.data, 4, 128, return_scale_zeros=True)
 fc.weight.data = q
 ql = WeightOnlyQLinear.from_linear(fc, WeightQuantizer(4, False, 'per_group', 128), qparams=QParams(s, z))
-print((dequantize(ql.qweight, ql.scales, ql.qzeros) - want).abs().max().item())
+print((dequantize_linear(ql.qweight, ql.qzeros, ql.scales, 128) - want).abs().max().item())
 """
     proc = subprocess.run([str(LMDEPLOY_PY), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
