@@ -165,6 +165,8 @@ def report(name: str, n: int, result: dict, base: tuple[int, float], target: int
     c = result["clean"]
     print(f"  clean: kept {c['rows_kept']:,} + rejected {c['rows_rejected']:,} = {c['rows_in']:,} "
           f"{c['rejected_by_reason']}; split leakage {result['split']['leakage_rows']}")
+    print(f"  load average (1, 5 min) after this run: {os.getloadavg()[0]:.2f}, {os.getloadavg()[1]:.2f} "
+          f"on {os.cpu_count()} CPUs (other processes slow every figure above)")
 
 
 def main() -> None:
@@ -185,7 +187,7 @@ def main() -> None:
         write_jsonl(tmp / "chat.jsonl", data[:args.jsonl_rows])
         print(f"built {tmp / 'qa.xlsx'} ({args.xlsx_rows:,} rows, {(tmp / 'qa.xlsx').stat().st_size / 1e6:.1f} MB) and "
               f"chat.jsonl ({args.jsonl_rows:,} rows, {(tmp / 'chat.jsonl').stat().st_size / 1e6:.0f} MB) "
-              f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs")
+              f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
         del data
 
         for name, file, source, target, limit in (

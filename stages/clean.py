@@ -19,12 +19,13 @@ plots/lengths.csv (a histogram of prompt and answer lengths in characters).
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import time
 import html
+import mmap
 import os
 import re
+import traceback
 import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ import numpy as np
 import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import answer_text, prompt_key, read_records, record_id, source_label, write_records
+from stages.records import (answer_text, no_cycle_collection, prompt_key, read_records, record_id, source_label,
+                             write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -108,11 +110,16 @@ KEEP = "".join(chr(c) for c in [*range(0xFF01, 0xFF10), *range(0xFF1A, 0xFF21), 
                                 *range(0x3251, 0x3260), *range(0x32B1, 0x32C0)])
 
 
-def compat_class(keep: str) -> re.Pattern:
-    """Runs of characters that NFKC changes (BMP), except those in `keep`."""
+def compat_chars(keep: str) -> str:
+    """The characters that NFKC changes (BMP), except those in `keep`, as a regex class body."""
     chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000 and chr(c) not in keep
              and unicodedata.normalize("NFKC", chr(c)) != chr(c)]
-    return re.compile("[" + "".join(re.escape(c) for c in chars) + "]+")
+    return "".join(re.escape(c) for c in chars)
+
+
+def compat_class(keep: str) -> re.Pattern:
+    """Runs of characters that NFKC changes (BMP), except those in `keep`."""
+    return re.compile("[" + compat_chars(keep) + "]+")
 
 
 MOJIBAKE = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
@@ -122,8 +129,9 @@ HTML_TAG = re.compile(r"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:p|br
                       r"|section|article|header|footer|nav|label|dl|dt|dd)(?:\s[^<>]*)?/?>", re.I | re.S)
 HTML_BLOCK = re.compile(r"</?(?:p|br|div|li|tr|h[1-6]|table|ul|ol|pre|blockquote|hr|dd|dt)\b", re.I)
 HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
-WS_ODD = re.compile(r"[\t\r\f\v\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
-                    r"\x00-\x08\x0b-\x1f\x7f-\x9f]")
+WS_ODD_CHARS = (r"\t\r\f\v\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
+                r"\x00-\x08\x0b-\x1f\x7f-\x9f")
+WS_ODD = re.compile(f"[{WS_ODD_CHARS}]")
 SPACES = re.compile(r"[ \t\f\v\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 INVISIBLE = re.compile(r"[\u200b-\u200d\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 LEADING_PUNCT = re.compile(r"^[，,。.、；;：:？?）)\s]+(?=\S)")  # what no sentence starts with
@@ -137,7 +145,7 @@ PII_PATTERNS = {
     "mobile": (r"(?<![0-9A-Za-z])(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?![0-9A-Za-z])", "[PHONE]"),
     "landline": (r"(?<![0-9A-Za-z])(?:\(0\d{2,3}\)|0\d{2,3}-)\d{7,8}(?![0-9A-Za-z])", "[PHONE]"),
 }
-PII_HINT = re.compile(r"[0-9][0-9][0-9][0-9 -][0-9][0-9][0-9]|@")  # nothing to redact without one
+PII_HINT = re.compile(r"[0-9][0-9][0-9][0-9 -][0-9][0-9][0-9]")  # or "@": nothing to redact without one
 
 
 def id_card_ok(number: str) -> bool:
@@ -161,16 +169,22 @@ class TextFixer:
         self.redactions: Counter = Counter()
         kinds = [k for k in PII_PATTERNS if k in p.pii.kinds] if p.pii.enabled else []
         self.pii = re.compile("|".join(f"(?P<{k}>{PII_PATTERNS[k][0]})" for k in kinds)) if kinds else None
+        # One scan for a character that mojibake, NFKC or odd whitespace would start with (almost
+        # all text has none): one regex pass instead of three, and the rules' own checks only if needed
+        odd = ("\u00c2-\u00f4" if p.fix_mojibake else "") + (WS_ODD_CHARS if p.collapse_whitespace else "")
+        odd += compat_chars(KEEP if p.keep_cjk_punctuation else "") if p.normalize_unicode else ""
+        self.odd = re.compile(f"[{odd}]") if odd else None
 
     def text(self, text: str) -> str:
         p, before = self.p, text
-        if p.fix_mojibake and MOJIBAKE.search(text):
+        odd = self.odd is not None and self.odd.search(text) is not None
+        if p.fix_mojibake and odd and MOJIBAKE.search(text):
             import ftfy
 
             text = ftfy.fix_encoding(text)
             if text != before:
                 self.fixes["mojibake"] += 1
-        if self.compat is not None and (self.compat.search(text) or not unicodedata.is_normalized("NFC", text)):
+        if self.compat is not None and ((odd and self.compat.search(text)) or not unicodedata.is_normalized("NFC", text)):
             fixed = unicodedata.normalize("NFC", self.compat.sub(lambda m: unicodedata.normalize("NFKC", m[0]), text))
             if fixed != text:
                 self.fixes["unicode"] += 1
@@ -181,10 +195,11 @@ class TextFixer:
             if fixed != text:
                 self.fixes["html"] += 1
                 text = fixed
+                odd = self.odd is not None and self.odd.search(text) is not None  # "&nbsp;" is odd now
         if p.replacement_char == "strip" and "\ufffd" in text:
             self.fixes["replacement_char_stripped"] += 1
             text = text.replace("\ufffd", "")
-        if p.collapse_whitespace and (WS_ODD.search(text) or "  " in text or " \n" in text or "\n " in text
+        if p.collapse_whitespace and ((odd and WS_ODD.search(text)) or "  " in text or " \n" in text or "\n " in text
                                       or "\n\n\n" in text or text[:1].isspace() or text[-1:].isspace()):
             fixed = INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
             fixed = "\n".join(SPACES.sub(" ", line).strip() for line in fixed.strip().split("\n"))
@@ -196,7 +211,7 @@ class TextFixer:
             if not text.startswith(("...", "..")):
                 self.fixes["leading_punctuation"] += 1
                 text = text[m.end():]
-        if self.pii is not None and PII_HINT.search(text):
+        if self.pii is not None and ("@" in text or PII_HINT.search(text)):  # twice as fast as one regex
             text = self.pii.sub(self.redact, text)
         return text
 
@@ -245,13 +260,27 @@ def keyword_pattern(words: list[str]) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))), re.I) if words else None
 
 
-def check(record: dict, p: CleanParams, placeholders: set[str], include, exclude) -> str | None:
+class Placeholders:
+    """The placeholder texts; `text in placeholders` compares a text as placeholder() normalises it."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = {placeholder(t) for t in texts}
+        self.longest = max(map(len, self.texts), default=-1)
+
+    def __contains__(self, text: str) -> bool:
+        core = text.strip().rstrip(".。!！ ")
+        # casefold never shortens a string: a text longer than every placeholder is none of them,
+        # and long answers are not case-folded for nothing
+        return len(core) <= self.longest and core.casefold() in self.texts
+
+
+def check(record: dict, p: CleanParams, placeholders: Placeholders, include, exclude) -> str | None:
     """Why a fixed record is unusable, or None if it is fine."""
     text = record.get("text")
     contents = [text] if text is not None else [m["content"] for m in record["messages"]]
     if record.get("rejected") is not None:
         contents.append(record["rejected"]["content"])
-    if p.replacement_char == "reject" and any(BROKEN.search(c) for c in contents):
+    if p.replacement_char == "reject" and BROKEN.search("\n".join(contents)):  # no pattern spans a line break
         return "replacement_char"
     if p.pii.enabled and p.pii.action == "reject" and any(tag in c for c in contents
                                                           for tag in ("[PHONE]", "[ID_CARD]", "[EMAIL]", "[BANK_CARD]")):
@@ -267,9 +296,9 @@ def check(record: dict, p: CleanParams, placeholders: set[str], include, exclude
             return "empty_turn"
         if record.get("rejected") is not None and not record["rejected"]["content"]:
             return "empty_turn"
-        if placeholder(record["messages"][-1]["content"]) in placeholders:
+        if record["messages"][-1]["content"] in placeholders:
             return "placeholder_answer"
-        if p.placeholder_questions and any(placeholder(m["content"]) in placeholders
+        if p.placeholder_questions and any(m["content"] in placeholders
                                            for m in record["messages"] if m["role"] == "user"):
             return "placeholder_question"
         if record.get("rejected") is not None and record["rejected"]["content"] == record["messages"][-1]["content"]:
@@ -317,62 +346,110 @@ def token_counts(records: list[dict], tokenizer_dir: str) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def near_duplicate_text(record: dict) -> str:
-    return record["text"] if record.get("text") is not None else prompt_key(record) + "\n" + answer_text(record).casefold()
+def near_duplicate_text(record: dict, prompt: str | None = None) -> str:
+    """What near-duplicates compare; `prompt`: the record's prompt_key, where already at hand."""
+    if record.get("text") is not None:
+        return record["text"]
+    return (prompt_key(record) if prompt is None else prompt) + "\n" + answer_text(record).casefold()
 
 
-def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000) -> np.ndarray:
+def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000,
+                       processes: int = 1) -> np.ndarray:
     """MinHash signatures of the character n-gram sets of `texts`, computed for many texts at once
     with numpy. Exactly datasketch's MinHash(num_perm, seed, scheme="affine32") fed the n-grams with
     `ngram_hash32` as hash function (tests/test_data_stages.py checks), only ~100x faster: n-gram
-    hashes are a rolling polynomial over the code points of all texts of a batch."""
+    hashes are a rolling polynomial over the code points of all texts of a batch. processes > 1:
+    that many forked processes, each signing a share of the texts (each text's signature is its own)."""
     from datasketch import MinHash
     from datasketch.minhash import _fmix
 
     a, b = (x.astype(np.uint32) for x in MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations)
-    out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    for lo in range(0, len(texts), batch):
-        chunk = texts[lo:lo + batch]
-        lens = np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk))
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        codes = np.frombuffer("".join(chunk).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        h = codes.copy()
-        for k in range(1, min(ngram, len(h))):  # h[i] = sum codes[i + j] * P^(ngram-1-j), mod 2^64
-            h[:len(h) - k] *= np.uint64(0x100000001B3)
-            h[:len(h) - k] += codes[k:]
-        # the hash of a text shorter than ngram is the hash of the whole text
-        short = np.flatnonzero((lens < ngram) & (lens > 0))
-        for i in short:
-            h[starts[i]] = np.uint64(ngram_hash64(chunk[i]))
-        valid = np.ones(len(h), dtype=bool)
-        for k in range(1, ngram):  # windows running past their text's end
-            pos = ends - k
-            valid[pos[pos >= starts]] = False
-        valid[starts[short]] = True
-        counts = np.where(lens >= ngram, lens - ngram + 1, (lens > 0).astype(np.int64))
-        hv = _fmix((h[valid] >> np.uint64(32)).astype(np.uint32), 32)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        nonempty = counts > 0
-        sig = out[lo:lo + len(chunk)]
-        sig[:] = np.uint32(0xFFFFFFFF)
-        if hv.size:
-            for j in range(num_perm):
-                sig[nonempty, j] = np.minimum.reduceat(a[j] * hv + b[j], offsets[nonempty])
+    # an anonymous shared mapping: forked processes write their rows where the parent reads them
+    shared = mmap.mmap(-1, max(1, len(texts) * num_perm * 4))
+    out = np.frombuffer(shared, dtype=np.uint32, count=len(texts) * num_perm).reshape(len(texts), num_perm)
+
+    def sign(lo: int, hi: int) -> None:
+        for start in range(lo, hi, batch):
+            chunk = texts[start:min(start + batch, hi)]
+            hashes, counts = batch_ngram_hashes(chunk, ngram)
+            hv = _fmix((hashes >> np.uint64(32)).astype(np.uint32), 32)
+            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            nonempty = counts > 0
+            sig = out[start:start + len(chunk)]
+            sig[:] = np.uint32(0xFFFFFFFF)
+            if hv.size:
+                permuted, first = np.empty_like(hv), offsets[nonempty]
+                for j in range(num_perm):  # in place: no temporary arrays per permutation
+                    np.multiply(hv, a[j], out=permuted)
+                    permuted += b[j]
+                    sig[nonempty, j] = np.minimum.reduceat(permuted, first)
+
+    bounds = [len(texts) * k // processes for k in range(processes + 1)]
+    children = []
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):  # the parent signs the first share itself
+        pid = os.fork()
+        if pid == 0:  # the child: sign, then leave at once (no atexit handlers, no pytest teardown)
+            try:
+                sign(lo, hi)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        children.append(pid)
+    try:
+        sign(bounds[0], bounds[1])
+    finally:
+        failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    if failed:
+        raise RuntimeError(f"near-duplicates: {len(failed)} MinHash worker process(es) failed")
+    return out.copy()  # a private copy: the shared mapping is freed with `shared`
+
+
+def batch_ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit rolling hashes of the n-grams of `texts` (of the whole text if shorter), one text
+    after the other, and how many each text has; computed over all texts at once."""
+    lens = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    h = codes.copy()
+    for k in range(1, min(ngram, len(h))):  # h[i] = sum codes[i + j] * P^(ngram-1-j), mod 2^64
+        h[:len(h) - k] *= np.uint64(0x100000001B3)
+        h[:len(h) - k] += codes[k:]
+    # the hash of a text shorter than ngram is the hash of the whole text
+    short = np.flatnonzero((lens < ngram) & (lens > 0))
+    for i in short:
+        h[starts[i]] = np.uint64(ngram_hash64(texts[i]))
+    valid = np.ones(len(h), dtype=bool)
+    for k in range(1, ngram):  # windows running past their text's end
+        pos = ends - k
+        valid[pos[pos >= starts]] = False
+    valid[starts[short]] = True
+    counts = np.where(lens >= ngram, lens - ngram + 1, (lens > 0).astype(np.int64))
+    return h[valid], counts
+
+
+def distinct_ngram_hashes(texts: list[str], ngram: int, batch: int = 1000) -> list[np.ndarray]:
+    """Each text's distinct n-gram hashes, sorted (for exact Jaccard similarity). A batch of texts
+    at a time is sorted row by row in one 2-D array padded with the largest hash, not one numpy
+    call per text; texts go in order of length, so there is little padding."""
+    out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(texts)
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lo = 0
+    while lo < len(texts):
+        longest = len(texts[by_length[min(lo + batch, len(texts)) - 1]])
+        hi = min(lo + batch, len(texts), lo + max(1, 4_000_000 // max(1, longest)))  # at most ~32 MB a batch
+        ids, lo = by_length[lo:hi], hi
+        hashes, counts = batch_ngram_hashes([texts[i] for i in ids], ngram)
+        starts = np.cumsum(counts) - counts
+        rows = np.full((len(ids), max(1, counts.max())), np.uint64(0xFFFFFFFFFFFFFFFF))
+        rows[np.repeat(np.arange(len(ids)), counts), np.arange(len(hashes)) - np.repeat(starts, counts)] = hashes
+        rows.sort(axis=1)  # the padding sorts last: a row starts with its text's hashes, sorted
+        first = np.ones(rows.shape, dtype=bool)
+        first[:, 1:] = rows[:, 1:] != rows[:, :-1]
+        for i, row, keep, n in zip(ids, rows, first, counts.tolist()):
+            out[i] = row[:n][keep[:n]]
     return out
-
-
-def ngram_hashes(text: str, ngram: int) -> np.ndarray:
-    """The rolling hashes of one text's n-grams (the whole text if shorter), as minhash_signatures
-    computes them."""
-    if len(text) < ngram:
-        return np.array([ngram_hash64(text)] if text else [], dtype=np.uint64)
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    h = codes[:len(codes) - ngram + 1].copy()
-    for k in range(1, ngram):
-        h *= np.uint64(0x100000001B3)
-        h += codes[k:len(codes) - ngram + 1 + k]
-    return h
 
 
 def ngram_hash64(text: str) -> int:
@@ -399,7 +476,10 @@ def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
     from datasketch import MinHashLSH
 
     n = len(texts)
-    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed)
+    # on a large input, one process per core (each ~1 s per 100k texts of a few hundred characters)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(cores, 1 + n // 100_000) if hasattr(os, "fork") else 1
+    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed, processes=processes)
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
     candidates = []
     for band in range(lsh.b):
@@ -431,12 +511,11 @@ def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
             i = parent[i]
         return i
 
-    grams: dict[int, np.ndarray] = {}
+    # exact similarity (on 64-bit n-gram hashes) for the texts of the pairs in between only
+    unsure = np.unique(np.concatenate([left[keep & ~sure], right[keep & ~sure]])).tolist()
+    grams = dict(zip(unsure, distinct_ngram_hashes([texts[k] for k in unsure], nd.ngram)))
 
-    def jaccard(i: int, j: int) -> float:  # exact (on 64-bit n-gram hashes), on the candidates only
-        for k in (i, j):
-            if k not in grams:
-                grams[k] = np.unique(ngram_hashes(texts[k], nd.ngram))
+    def jaccard(i: int, j: int) -> float:
         common = np.intersect1d(grams[i], grams[j], assume_unique=True).size
         return common / (grams[i].size + grams[j].size - common)
 
@@ -529,7 +608,7 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         clock = time.perf_counter()
 
     fixer = TextFixer(p)
-    placeholders = {placeholder(TextFixer(p).text(t)) for t in p.placeholder_answers}
+    placeholders = Placeholders(TextFixer(p).text(t) for t in p.placeholder_answers)
     include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
     kept: list[dict] = []
     rejected: list[dict] = []
@@ -553,8 +632,11 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
             kept.append(record)
     lap("read_fix_check_dedup")
 
-    def drop(flags: list[str | None], extra: list[dict] | None = None) -> None:
+    def drop(flags: list[str | None], extra: list[dict | None] | None = None) -> None:
+        """Move the flagged records from kept to rejected (extra[i]: keys added to rejected record i)."""
         nonlocal kept
+        if not any(flags):
+            return
         still = []
         for i, (record, reason) in enumerate(zip(kept, flags)):
             if reason:
@@ -570,13 +652,16 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
 
     nd = p.near_duplicates
     near_groups = 0
+    # near-duplicates and conflicts both compare prompts (of conversations; a text chunk is its own)
+    prompts = [prompt_key(r) if r.get("text") is None else None for r in kept]
     if nd.enabled and len(kept) > 1:  # 4: near-duplicates
-        roots = near_duplicate_groups([near_duplicate_text(r) for r in kept], nd)
+        roots = near_duplicate_groups([near_duplicate_text(r, q) for r, q in zip(kept, prompts)], nd)
         members = Counter(roots)
         near_groups = sum(1 for n in members.values() if n > 1)
         if nd.action == "drop":
+            prompts = [q for i, (q, r) in enumerate(zip(prompts, roots)) if r == i]
             drop(["near_duplicate" if r != i else None for i, r in enumerate(roots)],
-                 [{"duplicate_of": kept[r]["source"]} for r in roots])
+                 [{"duplicate_of": kept[r]["source"]} if r != i else None for i, r in enumerate(roots)])
         else:
             for i, r in enumerate(roots):
                 if members[r] > 1:
@@ -587,13 +672,11 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
     for i, r in enumerate(kept):
         if r.get("text") is None and r.get("rejected") is None:
             system = next((m["content"] for m in r["messages"] if m["role"] == "system"), "")
-            by_prompt[system + "\x00" + prompt_key(r)].append(i)
+            by_prompt[system + "\x00" + prompts[i]].append(i)
     conflicts, flags = [], [None] * len(kept)
     for rows in by_prompt.values():
-        answers = {answer_text(kept[i]).casefold() for i in rows}
-        if len(rows) > 1 and len(answers) > 1:
-            first = kept[rows[0]]
-            conflicts.append({"question": prompt_key(first)[:500], "rows": [
+        if len(rows) > 1 and len({answer_text(kept[i]).casefold() for i in rows}) > 1:
+            conflicts.append({"question": prompts[rows[0]][:500], "rows": [
                 {**kept[i]["source"], "id": kept[i]["id"], "answer": answer_text(kept[i])[:300]} for i in rows]})
             for n, i in enumerate(rows):
                 if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and n > 0):
@@ -641,8 +724,9 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         metrics["judge"] = dict(judge_stats)
     histogram = [{"chars": edge, "prompt": 0, "answer": 0} for edge in LENGTH_BINS]
     for name, values in (("prompt", prompt_lengths), ("answer", answer_lengths)):
-        for v in values:
-            histogram[bisect.bisect_right(LENGTH_BINS, v) - 1][name] += 1
+        bins = np.searchsorted(LENGTH_BINS, np.asarray(values, dtype=np.int64), side="right") - 1  # as bisect_right
+        for row, n in zip(histogram, np.bincount(bins, minlength=len(LENGTH_BINS)).tolist()):
+            row[name] = n
     assert metrics["rows_in"] == sum(rows_in.values()), "clean lost rows"
     lap("judge_and_data_card")
     return {"kept": kept, "rejected": rejected, "conflicts": conflicts, "metrics": metrics, "histogram": histogram,
@@ -668,10 +752,11 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params("clean", CleanParams)
 
-    result = clean_records(read_records(args.records), p, Path(args.judge_cache))
-    write_records(args.out, result["kept"])
-    write_records(args.rejected, result["rejected"])
-    write_records(args.conflicts, result["conflicts"])
+    with no_cycle_collection():
+        result = clean_records(read_records(args.records), p, Path(args.judge_cache))
+        write_records(args.out, result["kept"])
+        write_records(args.rejected, result["rejected"])
+        write_records(args.conflicts, result["conflicts"])
     with atomic_path(args.lengths_plot) as tmp:
         tmp.write_text("chars,prompt,answer\n" + "".join(f"{h['chars']},{h['prompt']},{h['answer']}\n"
                                                          for h in result["histogram"]))

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 import orjson
 
 from stages.common import Params, StageError, load_params, run_stage, write_json
-from stages.records import record_id, write_records
+from stages.records import no_cycle_collection, record_id, write_records
 
 FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
 CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
@@ -420,33 +420,37 @@ def parse_tools(row: dict, key: str) -> list | None:
 
 
 def turns(row: dict, src: Source, key: str, limit: int) -> list[dict]:
-    """ShareGPT turns ({from, value}) or OpenAI messages ({role, content}) as canonical messages."""
-    k = lambda name: src.fields.get(name, name)  # noqa: E731
+    """ShareGPT turns ({from, value}) or OpenAI messages ({role, content}) as canonical messages.
+    Column names for errors are only built when there is one (this runs for every turn of 1M rows)."""
     items = row.get(key)
     if not isinstance(items, list):
         raise RowProblem(key, f"expected a list of turns, got {type(items).__name__ if key in row else 'nothing'}")
+    from_key, value_key = src.fields.get("from", "from"), src.fields.get("value", "value")
     messages = []
     for i, turn in enumerate(items):
-        column = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise RowProblem(column, f"expected an object, got {type(turn).__name__}")
-        if k("from") in turn or k("value") in turn:
-            role_key, content_key, roles = k("from"), k("value"), SHAREGPT_ROLES
+            raise RowProblem(f"{key}[{i}]", f"expected an object, got {type(turn).__name__}")
+        if from_key in turn or value_key in turn:
+            role_key, content_key, roles = from_key, value_key, SHAREGPT_ROLES
         else:
             role_key, content_key, roles = "role", "content", OPENAI_ROLES
         role = roles.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
         if role is None:
-            raise RowProblem(f"{column}.{role_key}", f"unknown role {turn.get(role_key)!r} "
-                                                     f"(expected one of {', '.join(sorted(roles))})")
+            raise RowProblem(f"{key}[{i}].{role_key}", f"unknown role {turn.get(role_key)!r} "
+                                                       f"(expected one of {', '.join(sorted(roles))})")
         content = turn.get(content_key)
-        if isinstance(content, list):  # OpenAI content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if content is not None and not isinstance(content, (str, int, float)):
-            raise RowProblem(f"{column}.{content_key}", f"expected text, got a JSON {type(content).__name__}")
-        content = check_size(as_text(content), f"{column}.{content_key}", limit)
+        if not isinstance(content, str):
+            if isinstance(content, list):  # OpenAI content parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if content is not None and not isinstance(content, (str, int, float)):
+                raise RowProblem(f"{key}[{i}].{content_key}", f"expected text, got a JSON {type(content).__name__}")
+            content = as_text(content)
+        if len(content) > limit:
+            check_size(content, f"{key}[{i}].{content_key}", limit)
         message = {"role": role, "content": content}
         if role == "function_call":
-            message = {"role": "assistant", "content": content, "tool_calls": tool_call(content, f"{column}.{content_key}")}
+            message = {"role": "assistant", "content": content,
+                       "tool_calls": tool_call(content, f"{key}[{i}].{content_key}")}
         elif role == "assistant" and isinstance(turn.get("tool_calls"), list):
             message["tool_calls"] = turn["tool_calls"]
             if not content:
@@ -633,11 +637,12 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
 
 def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], limit: int) -> Iterator[dict]:
     unit, mapping = info["unit"], info["mapping"]
+    table = info["container"] in ("xlsx", "csv")
     info["rows"] = info["blank_rows"] = info["rows_with_tools"] = 0
     for number, row in rows:
         if not isinstance(row, dict):
             raise StageError(f"{src.path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
-        if info["container"] in ("xlsx", "csv") and all(as_text(v).strip() == "" for v in row.values()):
+        if table and all(as_text(v).strip() == "" for v in row.values()):
             info["blank_rows"] += 1  # an empty spreadsheet row is no data: counted, not a record
             continue
         try:
@@ -692,7 +697,8 @@ def main() -> None:
                 raise StageError(f"{src.path}: no data rows (only a header or blank rows)")
             print(f"ingest: {src.path}: {info['rows']} rows; {describe(info)}")
 
-    total = write_records(args.out, every_record())
+    with no_cycle_collection():
+        total = write_records(args.out, every_record())
     for info in infos.values():
         info.pop("sheet_in_source")
     write_json(args.metrics, {"rows_total": total,

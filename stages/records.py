@@ -12,6 +12,8 @@ JSON lines are read and written with orjson (several times faster than json on 1
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,7 +40,8 @@ def prompt_key(record: dict) -> str:
     same question (clean reports conflicting answers; split keeps them in one part)."""
     if record.get("text") is not None:
         return "\x00text\x00" + record["text"].casefold()
-    return "\n".join(m["content"].casefold() for m in record["messages"] if m["role"] == "user")
+    # casefold maps character by character: one call on the joined turns is the same, and faster
+    return "\n".join([m["content"] for m in record["messages"] if m["role"] == "user"]).casefold()
 
 
 def answer_text(record: dict) -> str:
@@ -49,6 +52,20 @@ def answer_text(record: dict) -> str:
         if m["role"] == "assistant":
             return m["content"]
     return ""
+
+
+@contextlib.contextmanager
+def no_cycle_collection() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a stage holds all its records. Records are
+    trees of dicts, lists and strings, with no reference cycles for it to find, yet its passes
+    over millions of them cost a stage 10-20% of its time. Memory is still freed as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def read_records(path: str | Path) -> Iterator[dict]:
@@ -76,13 +93,13 @@ def write_records(path: str | Path, records: Iterable[dict]) -> int:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         buffer = []
         for record in records:
-            buffer.append(orjson.dumps(record))
-            n += 1
+            buffer.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
             if len(buffer) >= 4096:
-                f.write(b"\n".join(buffer) + b"\n")
+                f.write(b"".join(buffer))
+                n += len(buffer)
                 buffer.clear()
-        if buffer:
-            f.write(b"\n".join(buffer) + b"\n")
+        f.write(b"".join(buffer))
+        n += len(buffer)
     return n
 
 
