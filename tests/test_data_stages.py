@@ -474,3 +474,12 @@ def test_alpaca_sheet_and_one_workbook_listed_twice(workdir):
     run_stage(workdir, "clean")
     clean = json.loads((workdir / "metrics/clean.json").read_text())
     assert set(clean["by_source"]) == {"data/raw/alpaca.xlsx#train", "data/raw/alpaca.xlsx#extra"}
+
+
+def test_minhash_in_several_processes_equals_one():
+    from stages.clean import minhash_signatures
+
+    texts = [f"question {i} about drug {i % 7}: " + "x" * (i % 50) for i in range(300)] + ["", "ab"]
+    one = minhash_signatures(texts, ngram=5, num_perm=64, seed=1, batch=37, processes=1)
+    three = minhash_signatures(texts, ngram=5, num_perm=64, seed=1, batch=37, processes=3)
+    assert one.shape == (302, 64) and (one == three).all()
