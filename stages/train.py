@@ -463,11 +463,10 @@ def train_hf(p: TrainParams, args) -> dict:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     write_loss_curve(args.loss_plot, curve)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     return {"train_loss_final": curve[-1]["loss"], "val_loss_before": round(val_before, 6),
             "val_loss_after": round(val_after, 6), "steps": step, "train_tokens": tokens,
             "tokens_per_s": round(tokens / runtime, 1), "runtime_s": round(runtime, 2),
-            "peak_memory_mb": round(peak / 2**20, 1),
+            "peak_memory_mb": peak_memory_mb(),
             "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
 
 
@@ -478,10 +477,15 @@ def write_loss_curve(path: str, curve: list[dict]) -> None:
         writer.writerows(curve)
 
 
-def peak_rss_bytes() -> int:
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or on a CPU the process's peak resident size."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def main() -> None:

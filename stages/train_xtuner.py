@@ -48,12 +48,10 @@ are removed first: every run trains from scratch).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import re
-import resource
 import runpy
 import shutil
 import sys
@@ -63,7 +61,7 @@ from pathlib import Path
 from stages import shims
 from stages.common import (StageError, atomic_path, load_params, read_jsonl, render_chatml, resolve_base,
                            run_stage, write_json)
-from stages.train import TrainParams
+from stages.train import TrainParams, peak_memory_mb, write_loss_curve
 
 # The generated config and xtuner's data live in <work-dir>/inputs/: mmengine's Runner dumps its
 # resolved copy of the config to <work-dir>/<config name>, which must not overwrite ours.
@@ -456,14 +454,6 @@ def validation_losses(base: str, revision: str | None, adapter: Path, encoded: l
     return before, after
 
 
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=Path, required=True)
@@ -545,10 +535,8 @@ def main(argv: list[str] | None = None) -> None:
     # the same files and metric names as the hf backend (stages/train.py)
     steps = losses[-1][0]
     steps_per_epoch = max(1, steps // p.epochs)  # xtuner's TrainLoop: epochs * len(dataloader)
-    with atomic_path(a.loss_plot) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "loss"])
-        w.writerows((step, math.ceil(step / steps_per_epoch), round(loss, 6)) for step, loss, _ in losses)
+    write_loss_curve(str(a.loss_plot), [{"step": step, "epoch": math.ceil(step / steps_per_epoch), "loss": round(loss, 6)}
+                                        for step, loss, _ in losses])
 
     runtime = sum(t for _, _, t in losses)
     tokens = plan["tokens_per_epoch"] * p.epochs
@@ -561,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else 0.0,
         "runtime_s": round(runtime, 2),
         "runtime_total_s": round(total_time, 2),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb": peak_memory_mb(),
         "trainable_params": trainable,
     }
     write_json(a.metrics, metrics)
