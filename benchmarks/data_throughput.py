@@ -83,14 +83,18 @@ def rows(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def write_xlsx(path: Path, data: list[tuple[str, str, str]]) -> None:
-    from openpyxl import Workbook
+    """As Excel and WPS save a workbook: text in the shared-strings table, UTF-8 (xlsxwriter writes
+    that layout; openpyxl's write-only mode writes every cell inline with each CJK character as a
+    "&#NNNNN;" reference, a 5x larger file that no office program produces)."""
+    import xlsxwriter
 
-    wb = Workbook(write_only=True)
-    ws = wb.create_sheet("QA")
-    ws.append(["Question", "Answer", "Department"])
-    for q, a, d in data:
-        ws.append([q, a, d])
-    wb.save(path)
+    wb = xlsxwriter.Workbook(str(path), {"strings_to_numbers": False, "strings_to_formulas": False,
+                                         "strings_to_urls": False})
+    ws = wb.add_worksheet("QA")
+    ws.write_row(0, 0, ["Question", "Answer", "Department"])
+    for row, values in enumerate(data, start=1):
+        ws.write_row(row, 0, values)
+    wb.close()
 
 
 def write_jsonl(path: Path, data: list[tuple[str, str, str]]) -> None:

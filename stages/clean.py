@@ -19,13 +19,12 @@ plots/lengths.csv (a histogram of prompt and answer lengths in characters).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import time
 import html
-import mmap
 import os
 import re
-import traceback
 import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,8 @@ import numpy as np
 import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import (answer_text, no_cycle_collection, prompt_key, read_records, record_id, source_label,
-                             write_records)
+from stages.records import (answer_text, in_forked_shares, lines_of_share, no_cycle_collection, parse_record,
+                             prompt_key, read_file, record_id, source_label, write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -110,6 +109,7 @@ KEEP = "".join(chr(c) for c in [*range(0xFF01, 0xFF10), *range(0xFF1A, 0xFF21), 
                                 *range(0x3251, 0x3260), *range(0x32B1, 0x32C0)])
 
 
+@functools.cache  # a scan of the whole BMP (~0.4 s): once per process, before workers fork
 def compat_chars(keep: str) -> str:
     """The characters that NFKC changes (BMP), except those in `keep`, as a regex class body."""
     chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000 and chr(c) not in keep
@@ -117,6 +117,7 @@ def compat_chars(keep: str) -> str:
     return "".join(re.escape(c) for c in chars)
 
 
+@functools.cache
 def compat_class(keep: str) -> re.Pattern:
     """Runs of characters that NFKC changes (BMP), except those in `keep`."""
     return re.compile("[" + compat_chars(keep) + "]+")
@@ -353,56 +354,37 @@ def near_duplicate_text(record: dict, prompt: str | None = None) -> str:
     return (prompt_key(record) if prompt is None else prompt) + "\n" + answer_text(record).casefold()
 
 
-def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000,
-                       processes: int = 1) -> np.ndarray:
+def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000) -> np.ndarray:
     """MinHash signatures of the character n-gram sets of `texts`, computed for many texts at once
     with numpy. Exactly datasketch's MinHash(num_perm, seed, scheme="affine32") fed the n-grams with
     `ngram_hash32` as hash function (tests/test_data_stages.py checks), only ~100x faster: n-gram
-    hashes are a rolling polynomial over the code points of all texts of a batch. processes > 1:
-    that many forked processes, each signing a share of the texts (each text's signature is its own)."""
-    from datasketch import MinHash
+    hashes are a rolling polynomial over the code points of all texts of a batch."""
+    a, b = minhash_permutations(num_perm, seed)
     from datasketch.minhash import _fmix
 
+    out = np.full((len(texts), num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    for start in range(0, len(texts), batch):
+        chunk = texts[start:start + batch]
+        hashes, counts = batch_ngram_hashes(chunk, ngram)
+        hv = _fmix((hashes >> np.uint64(32)).astype(np.uint32), 32)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        nonempty = counts > 0
+        sig = out[start:start + len(chunk)]
+        if hv.size:
+            permuted, first = np.empty_like(hv), offsets[nonempty]
+            for j in range(num_perm):  # in place: no temporary arrays per permutation
+                np.multiply(hv, a[j], out=permuted)
+                permuted += b[j]
+                sig[nonempty, j] = np.minimum.reduceat(permuted, first)
+    return out
+
+
+@functools.cache
+def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash
+
     a, b = (x.astype(np.uint32) for x in MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations)
-    # an anonymous shared mapping: forked processes write their rows where the parent reads them
-    shared = mmap.mmap(-1, max(1, len(texts) * num_perm * 4))
-    out = np.frombuffer(shared, dtype=np.uint32, count=len(texts) * num_perm).reshape(len(texts), num_perm)
-
-    def sign(lo: int, hi: int) -> None:
-        for start in range(lo, hi, batch):
-            chunk = texts[start:min(start + batch, hi)]
-            hashes, counts = batch_ngram_hashes(chunk, ngram)
-            hv = _fmix((hashes >> np.uint64(32)).astype(np.uint32), 32)
-            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            nonempty = counts > 0
-            sig = out[start:start + len(chunk)]
-            sig[:] = np.uint32(0xFFFFFFFF)
-            if hv.size:
-                permuted, first = np.empty_like(hv), offsets[nonempty]
-                for j in range(num_perm):  # in place: no temporary arrays per permutation
-                    np.multiply(hv, a[j], out=permuted)
-                    permuted += b[j]
-                    sig[nonempty, j] = np.minimum.reduceat(permuted, first)
-
-    bounds = [len(texts) * k // processes for k in range(processes + 1)]
-    children = []
-    for lo, hi in zip(bounds[1:-1], bounds[2:]):  # the parent signs the first share itself
-        pid = os.fork()
-        if pid == 0:  # the child: sign, then leave at once (no atexit handlers, no pytest teardown)
-            try:
-                sign(lo, hi)
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            os._exit(0)
-        children.append(pid)
-    try:
-        sign(bounds[0], bounds[1])
-    finally:
-        failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
-    if failed:
-        raise RuntimeError(f"near-duplicates: {len(failed)} MinHash worker process(es) failed")
-    return out.copy()  # a private copy: the shared mapping is freed with `shared`
+    return a, b
 
 
 def batch_ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
@@ -465,8 +447,9 @@ def ngram_hash32(gram: bytes | str) -> int:
     return ngram_hash64(text) >> 32
 
 
-def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
-    """For each text, the index of the first text of its near-duplicate group (itself if none).
+def near_duplicate_groups(sigs: np.ndarray, text_of, nd: NearDuplicates) -> list[int]:
+    """For each MinHash signature (a row of sigs), the index of the first row of its near-duplicate
+    group (itself if none); text_of(i): the text of row i, for the exact checks.
     Locality-sensitive hashing over the MinHash signatures, with the bands datasketch's
     MinHashLSH picks for the threshold (b bands of r rows), bucketed for all texts at once with
     numpy rather than one dict insert and query per text (~20x faster on 1M rows). A candidate
@@ -475,11 +458,7 @@ def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
     otherwise merge)."""
     from datasketch import MinHashLSH
 
-    n = len(texts)
-    # on a large input, one process per core (each ~1 s per 100k texts of a few hundred characters)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = min(cores, 1 + n // 100_000) if hasattr(os, "fork") else 1
-    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed, processes=processes)
+    n = len(sigs)
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
     candidates = []
     for band in range(lsh.b):
@@ -513,7 +492,7 @@ def near_duplicate_groups(texts: list[str], nd: NearDuplicates) -> list[int]:
 
     # exact similarity (on 64-bit n-gram hashes) for the texts of the pairs in between only
     unsure = np.unique(np.concatenate([left[keep & ~sure], right[keep & ~sure]])).tolist()
-    grams = dict(zip(unsure, distinct_ngram_hashes([texts[k] for k in unsure], nd.ngram)))
+    grams = dict(zip(unsure, distinct_ngram_hashes([text_of(k) for k in unsure], nd.ngram)))
 
     def jaccard(i: int, j: int) -> float:
         common = np.intersect1d(grams[i], grams[j], assume_unique=True).size
@@ -597,90 +576,119 @@ def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter
 LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
-def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
-    """Fix, check and deduplicate records. Returns kept and rejected records (each rejected one
-    with its reason), conflicts (the same question, different answers) and metrics."""
-    clock, seconds = time.perf_counter(), {}
+def first_pass(records: Iterable[dict], p: CleanParams) -> tuple[list[tuple], np.ndarray | None, Counter, Counter]:
+    """Steps 1-2, the duplicate key and the MinHash signature, record by record (in worker
+    processes on a large file). Returns, for each record, (fixed record or None if unchanged,
+    reason or None, source label, facts); the signatures (a row per record); the counts of fixes
+    and redactions. facts, for records that pass the checks: (duplicate key, conflict key, answer
+    hash, prompt chars, answer chars); later steps need no more of most records than that."""
+    fixer = TextFixer(p)
+    placeholders = Placeholders(TextFixer(p).text(t) for t in p.placeholder_answers)
+    include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
+    nd = p.near_duplicates
+    out, texts, same = [], [], {}  # same: one object per label, pickled once
+    digest = lambda text: hashlib.blake2b(text.encode(), digest_size=16).digest()  # noqa: E731
+    for record in records:
+        fixed = fixer.record(record)
+        reason = check(fixed, p, placeholders, include, exclude)
+        label = same.setdefault(source_label(record), source_label(record))
+        if reason is not None:
+            out.append((fixed if fixed is not record else None, reason, label, None))
+            texts.append("")
+            continue
+        chat = fixed.get("text") is None
+        prompt = prompt_key(fixed) if chat else None
+        answer = answer_text(fixed)
+        conflict_key = answer_key = None
+        if chat and fixed.get("rejected") is None:  # the same system prompt and question...
+            system = next((m["content"] for m in fixed["messages"] if m["role"] == "system"), "")
+            conflict_key, answer_key = digest(system + "\x00" + prompt), digest(answer.casefold())  # ...other answers
+        out.append((fixed if fixed is not record else None, None, label, (
+            duplicate_key(fixed) if p.drop_duplicates else None, conflict_key, answer_key,
+            sum(len(m["content"]) for m in fixed["messages"] if m["role"] == "user"), len(answer))))
+        texts.append(near_duplicate_text(fixed, prompt) if nd.enabled else "")
+    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed) if nd.enabled else None
+    return out, sigs, fixer.fixes, fixer.redactions
+
+
+def decide(passed: list[tuple], sigs: np.ndarray | None, p: CleanParams, record_of, judge_cache: Path | None,
+           fixes: Counter, redactions: Counter, seconds: dict) -> dict:
+    """Steps 3-6 over first_pass's results for all records in order. record_of(i): record i as
+    fixed, parsed again only where a step needs more than the facts (conflict reports, tokens,
+    the judge, the sources and ids of duplicates). Returns kept [(i, keys added)], rejected
+    [(i, keys added, reason)], conflicts and metrics."""
+    clock = time.perf_counter()
+    record_of = functools.lru_cache(maxsize=None)(record_of)
 
     def lap(phase: str) -> None:
         nonlocal clock
         seconds[phase] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
 
-    fixer = TextFixer(p)
-    placeholders = Placeholders(TextFixer(p).text(t) for t in p.placeholder_answers)
-    include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
-    kept: list[dict] = []
-    rejected: list[dict] = []
-    seen: dict[str, dict] = {}
-    rows_in: Counter = Counter()
-
-    for record in records:  # 1-3: one pass
-        rows_in[source_label(record)] += 1
-        record = fixer.record(record)
-        reason = check(record, p, placeholders, include, exclude)
-        if reason is None and p.drop_duplicates:
-            key = duplicate_key(record)
-            first = seen.get(key)
-            if first is not None:
-                reason, record = "duplicate", {**record, "duplicate_of": first}
-            else:
-                seen[key] = record["source"]
-        if reason:
-            rejected.append({**record, "reason": reason})
+    rejected: list[tuple[int, dict | None, str]] = []
+    kept: list[int] = []
+    added: dict[int, dict] = {}  # keys added to kept record i ("group", "judge_score")
+    first_of: dict[bytes, int] = {}
+    for i, (_, reason, _, facts) in enumerate(passed):  # 3: exact duplicates, in file order
+        if reason is None and facts[0] is not None:
+            first = first_of.setdefault(facts[0], i)
+            if first != i:
+                reason = "duplicate"
+                rejected.append((i, {"duplicate_of": record_of(first)["source"]}, reason))
+                continue
+        if reason is not None:
+            rejected.append((i, None, reason))
         else:
-            kept.append(record)
-    lap("read_fix_check_dedup")
+            kept.append(i)
+    lap("duplicates")
 
     def drop(flags: list[str | None], extra: list[dict | None] | None = None) -> None:
-        """Move the flagged records from kept to rejected (extra[i]: keys added to rejected record i)."""
+        """Move the flagged rows from kept to rejected (extra[k]: keys added to rejected row k)."""
         nonlocal kept
         if not any(flags):
             return
         still = []
-        for i, (record, reason) in enumerate(zip(kept, flags)):
+        for k, (i, reason) in enumerate(zip(kept, flags)):
             if reason:
-                rejected.append({**record, **(extra[i] if extra else {}), "reason": reason})
+                rejected.append((i, {**added.get(i, {}), **(extra[k] or {})} if extra else added.get(i), reason))
             else:
-                still.append(record)
+                still.append(i)
         kept = still
 
     if kept and (p.min_tokens > 0 or p.max_tokens is not None):  # 3: tokens
-        counts = token_counts(kept, p.tokenizer)
+        counts = token_counts([record_of(i) for i in kept], p.tokenizer)
         drop(["too_few_tokens" if n < p.min_tokens else "too_many_tokens" if p.max_tokens is not None
               and n > p.max_tokens else None for n in counts])
+        lap("tokens")
 
     nd = p.near_duplicates
     near_groups = 0
-    # near-duplicates and conflicts both compare prompts (of conversations; a text chunk is its own)
-    prompts = [prompt_key(r) if r.get("text") is None else None for r in kept]
     if nd.enabled and len(kept) > 1:  # 4: near-duplicates
-        roots = near_duplicate_groups([near_duplicate_text(r, q) for r, q in zip(kept, prompts)], nd)
+        roots = near_duplicate_groups(sigs[kept], lambda k: near_duplicate_text(record_of(kept[k])), nd)
         members = Counter(roots)
         near_groups = sum(1 for n in members.values() if n > 1)
         if nd.action == "drop":
-            prompts = [q for i, (q, r) in enumerate(zip(prompts, roots)) if r == i]
-            drop(["near_duplicate" if r != i else None for i, r in enumerate(roots)],
-                 [{"duplicate_of": kept[r]["source"]} if r != i else None for i, r in enumerate(roots)])
+            drop(["near_duplicate" if r != k else None for k, r in enumerate(roots)],
+                 [{"duplicate_of": record_of(kept[r])["source"]} if r != k else None for k, r in enumerate(roots)])
         else:
-            for i, r in enumerate(roots):
+            for k, r in enumerate(roots):
                 if members[r] > 1:
-                    kept[i] = {**kept[i], "group": kept[r]["id"]}  # records in are never changed in place
+                    added[kept[k]] = {"group": record_of(kept[r])["id"]}
     lap("near_duplicates")
 
-    by_prompt: dict[str, list[int]] = defaultdict(list)  # 5: conflicting answers
-    for i, r in enumerate(kept):
-        if r.get("text") is None and r.get("rejected") is None:
-            system = next((m["content"] for m in r["messages"] if m["role"] == "system"), "")
-            by_prompt[system + "\x00" + prompts[i]].append(i)
+    by_prompt: dict[bytes, list[int]] = defaultdict(list)  # 5: conflicting answers
+    for k, i in enumerate(kept):
+        if passed[i][3][1] is not None:
+            by_prompt[passed[i][3][1]].append(k)
     conflicts, flags = [], [None] * len(kept)
-    for rows in by_prompt.values():
-        if len(rows) > 1 and len({answer_text(kept[i]).casefold() for i in rows}) > 1:
-            conflicts.append({"question": prompts[rows[0]][:500], "rows": [
-                {**kept[i]["source"], "id": kept[i]["id"], "answer": answer_text(kept[i])[:300]} for i in rows]})
-            for n, i in enumerate(rows):
+    for ks in by_prompt.values():
+        if len(ks) > 1 and len({passed[kept[k]][3][2] for k in ks}) > 1:
+            records = [record_of(kept[k]) for k in ks]
+            conflicts.append({"question": prompt_key(records[0])[:500], "rows": [
+                {**r["source"], "id": r["id"], "answer": answer_text(r)[:300]} for r in records]})
+            for n, k in enumerate(ks):
                 if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and n > 0):
-                    flags[i] = "conflicting_answer"
+                    flags[k] = "conflicting_answer"
     drop(flags)
     lap("conflicts")
 
@@ -688,32 +696,33 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
     if p.judge.enabled and kept:  # 6: the LLM judge
         if judge_cache is None:
             raise StageError("clean.judge is enabled but no cache file was given (--judge-cache)")
-        scores = judge_scores(kept, p.judge, judge_cache, judge_stats)
+        scores = judge_scores([record_of(i) for i in kept], p.judge, judge_cache, judge_stats)
+        for i, score in zip(kept, scores):
+            added[i] = {**added.get(i, {}), "judge_score": score}
         drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores],
-             [{"judge_score": s} for s in scores])
-        kept = [{**r, "judge_score": s} for r, s in zip(kept, [s for s in scores if s is None or s >= p.judge.min_score])]
+             [{} for _ in scores])
     if judge_cache is not None and not judge_cache.exists():  # a DVC out: there even when the judge is off
         with atomic_path(judge_cache) as tmp:
             tmp.write_bytes(b"")
 
     # the data card
-    by_source = {}
-    kept_by = Counter(source_label(r) for r in kept)
+    rows_in = Counter(row[2] for row in passed)
+    kept_by = Counter(passed[i][2] for i in kept)
     rejected_by = defaultdict(Counter)
-    for r in rejected:
-        rejected_by[source_label(r)][r["reason"]] += 1
-    for label, n in sorted(rows_in.items()):
-        by_source[label] = {"rows_in": n, "rows_kept": kept_by[label], "rows_rejected": sum(rejected_by[label].values()),
-                            "rejected_by_reason": dict(sorted(rejected_by[label].items()))}
-    by_reason = Counter(r["reason"] for r in rejected)
-    prompt_lengths = [sum(len(m["content"]) for m in r["messages"] if m["role"] == "user") for r in kept]
-    answer_lengths = [len(answer_text(r)) for r in kept]
+    for i, _, reason in rejected:
+        rejected_by[passed[i][2]][reason] += 1
+    by_source = {label: {"rows_in": n, "rows_kept": kept_by[label], "rows_rejected": sum(rejected_by[label].values()),
+                         "rejected_by_reason": dict(sorted(rejected_by[label].items()))}
+                 for label, n in sorted(rows_in.items())}
+    by_reason = Counter(reason for _, _, reason in rejected)
+    prompt_lengths = [passed[i][3][3] for i in kept]
+    answer_lengths = [passed[i][3][4] for i in kept]
     metrics = {
         "rows_in": len(kept) + len(rejected), "rows_kept": len(kept), "rows_rejected": len(rejected),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "by_source": by_source,
-        "fixes": dict(sorted(fixer.fixes.items())),
-        "pii_redacted": dict(sorted(fixer.redactions.items())),
+        "fixes": dict(sorted(fixes.items())),
+        "pii_redacted": dict(sorted(redactions.items())),
         "conflicting_questions": len(conflicts),
         "conflicting_rows": sum(len(c["rows"]) for c in conflicts),
         "near_duplicate_groups": near_groups,
@@ -727,10 +736,23 @@ def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | N
         bins = np.searchsorted(LENGTH_BINS, np.asarray(values, dtype=np.int64), side="right") - 1  # as bisect_right
         for row, n in zip(histogram, np.bincount(bins, minlength=len(LENGTH_BINS)).tolist()):
             row[name] = n
-    assert metrics["rows_in"] == sum(rows_in.values()), "clean lost rows"
+    assert metrics["rows_in"] == len(passed), "clean lost rows"
     lap("judge_and_data_card")
-    return {"kept": kept, "rejected": rejected, "conflicts": conflicts, "metrics": metrics, "histogram": histogram,
-            "seconds": seconds}  # timings are printed, never written: outputs stay reproducible
+    return {"kept": [(i, added.get(i)) for i in kept], "rejected": rejected, "conflicts": conflicts,
+            "metrics": metrics, "histogram": histogram, "seconds": seconds}
+
+
+def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
+    """Fix, check and deduplicate records (in this process; `tunepipe inspect` and tests). Returns
+    kept and rejected records (each rejected one with its reason), conflicts (the same question,
+    different answers) and metrics."""
+    records = list(records)
+    passed, sigs, fixes, redactions = first_pass(records, p)
+    fixed = [f if f is not None else r for r, (f, _, _, _) in zip(records, passed)]
+    result = decide(passed, sigs, p, fixed.__getitem__, judge_cache, fixes, redactions, {})
+    result["kept"] = [{**fixed[i], **extra} if extra else fixed[i] for i, extra in result["kept"]]
+    result["rejected"] = [{**fixed[i], **(extra or {}), "reason": reason} for i, extra, reason in result["rejected"]]
+    return result
 
 
 def summary(values: list[int]) -> dict:
@@ -738,6 +760,14 @@ def summary(values: list[int]) -> dict:
         return {"p50": 0, "p90": 0, "max": 0}
     ordered = sorted(values)
     return {"p50": ordered[len(ordered) // 2], "p90": ordered[int(len(ordered) * 0.9)], "max": ordered[-1]}
+
+
+def with_keys(line: bytes, keys: dict | None) -> bytes:
+    """A record's JSON line with keys added at the end, as {**record, **keys} would be encoded
+    (the keys are ones clean adds, which no record has yet)."""
+    if not keys:
+        return line
+    return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:] + b"\n"
 
 
 def main() -> None:
@@ -753,9 +783,31 @@ def main() -> None:
     p = load_params("clean", CleanParams)
 
     with no_cycle_collection():
-        result = clean_records(read_records(args.records), p, Path(args.judge_cache))
-        write_records(args.out, result["kept"])
-        write_records(args.rejected, result["rejected"])
+        clock = time.perf_counter()
+        data = read_file(args.records)
+        TextFixer(p)  # its regexes are built here, once, not in each worker
+
+        def share(lo: int, hi: int) -> tuple[list[tuple], np.ndarray | None, Counter, Counter]:
+            passed, sigs, fixes, redactions = first_pass(
+                (parse_record(args.records, line, n) for line, n in lines_of_share(data, lo, hi)), p)
+            # a fixed record travels back as its JSON line
+            return [(orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) if f is not None else None, *rest)
+                    for f, *rest in passed], sigs, fixes, redactions
+
+        shares = in_forked_shares(len(data), share, min_share=8_000_000)  # steps 1-2 on every core
+        passed = [row for rows, _, _, _ in shares for row in rows]
+        sigs = np.concatenate([s for _, s, _, _ in shares]) if p.near_duplicates.enabled else None
+        fixes, redactions = sum((s[2] for s in shares), Counter()), sum((s[3] for s in shares), Counter())
+        lines = [fixed or line for (line, _), (fixed, *_) in zip(lines_of_share(data, 0, len(data)), passed)]
+        del shares, data
+        seconds = {"read_fix_check": round(time.perf_counter() - clock, 2)}
+        result = decide(passed, sigs, p, lambda i: orjson.loads(lines[i]), Path(args.judge_cache), fixes, redactions,
+                        seconds)
+        with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
+            f.write(b"".join([with_keys(lines[i], extra) for i, extra in result["kept"]]))
+        with atomic_path(args.rejected) as tmp, open(tmp, "wb") as f:
+            f.write(b"".join([with_keys(lines[i], {**(extra or {}), "reason": reason})
+                              for i, extra, reason in result["rejected"]]))
         write_records(args.conflicts, result["conflicts"])
     with atomic_path(args.lengths_plot) as tmp:
         tmp.write_text("chars,prompt,answer\n" + "".join(f"{h['chars']},{h['prompt']},{h['answer']}\n"

@@ -24,12 +24,12 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import orjson
 
-from stages.common import Params, StageError, load_params, run_stage, write_json
-from stages.records import no_cycle_collection, record_id, write_records
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.records import in_forked_shares, line_start, no_cycle_collection, record_id
 
 FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
 CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
@@ -135,7 +135,7 @@ def check_size(value: str, column: str, limit: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # Containers: each yields (row number as a user sees it, row) after a header or first peek
 # ----------------------------------------------------------------------------------------------
-def read_xlsx(src: Source, info: dict) -> tuple[list[str], Iterator[tuple[int, list]]]:
+def read_xlsx(src: Source, info: dict) -> tuple[list[str], list[tuple[int, list]]]:
     import python_calamine as calamine
 
     try:
@@ -164,10 +164,10 @@ def read_xlsx(src: Source, info: dict) -> tuple[list[str], Iterator[tuple[int, l
     if not rows or all(as_text(v).strip() == "" for v in rows[0]):
         raise StageError(f"{src.path}: sheet '{name}' is empty (no header row)")
     header = [as_text(h).strip() for h in rows[0]]
-    return header, ((number, values) for number, values in enumerate(rows[1:], start=2))
+    return header, list(enumerate(rows[1:], start=2))
 
 
-def read_csv(src: Source, info: dict, limit: int) -> tuple[list[str], Iterator[tuple[int, list]]]:
+def read_csv(src: Source, info: dict, limit: int) -> tuple[list[str], list[tuple[int, list]]]:
     text, info["encoding"] = decode(src.path, Path(src.path).read_bytes(), src.encoding)
     if not text.strip():
         raise StageError(f"{src.path}: the file is empty")
@@ -199,15 +199,20 @@ def read_csv(src: Source, info: dict, limit: int) -> tuple[list[str], Iterator[t
             yield start, values[:len(header)]
             start = reader.line_num + 1
 
-    return header, rows()
+    return header, list(rows())
 
 
-def read_json(src: Source, info: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
+def read_json(src: Source, info: dict) -> tuple[str, list[tuple[int, Any]], Callable[[int, Any], Any]]:
     """A JSON array (items numbered from 1), JSON lines (line numbers), or one JSON object holding
-    a list of records. Returns the unit rows are counted in ("item" or "line") and the rows."""
+    a list of records. Returns the unit rows are counted in ("item" or "line"), the rows and how
+    to parse one: JSON lines stay text until then, so worker processes parse their own share."""
     data = Path(src.path).read_bytes()
-    text, info["encoding"] = decode(src.path, data, "utf-8" if src.encoding == "auto" and not data[:4].startswith(
-        (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else src.encoding)
+    plain_utf8 = src.encoding in ("auto", "utf-8", "utf8") and not data[:4].startswith(
+        (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    if plain_utf8 and (lines := JsonLines.of(src.path, data)) is not None:
+        info["container"], info["encoding"] = "jsonl", "utf-8"
+        return "line", lines, lines.parse
+    text, info["encoding"] = decode(src.path, data, "utf-8" if plain_utf8 else src.encoding)
     if not text.strip():
         raise StageError(f"{src.path}: the file is empty")
     if text.lstrip("\ufeff \t\r\n").startswith("["):
@@ -216,7 +221,7 @@ def read_json(src: Source, info: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
             items = orjson.loads(text.lstrip("\ufeff"))
         except orjson.JSONDecodeError as e:
             raise StageError(f"{src.path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
-        return "item", enumerate(items, start=1)
+        return "item", list(enumerate(items, start=1)), parsed
     lines = text.lstrip("\ufeff").split("\n")
     filled = [line for line in itertools.islice((x for x in lines if x.strip()), 2)]
     try:
@@ -236,22 +241,78 @@ def read_json(src: Source, info: dict) -> tuple[str, Iterator[tuple[int, Any]]]:
         record_keys = {src.fields.get(k, k) for k in ("conversations", "messages", "conversation")}
         if len(whole) == 1 and len(lists) == 1 and not set(whole) & record_keys:  # {"data": [records]}
             info["container"] = "json object"
-            return "item", enumerate(lists[0], start=1)
+            return "item", list(enumerate(lists[0], start=1)), parsed
         if len(filled) > 1:
             info["container"] = "json object"
-            return "item", enumerate([whole], start=1)
+            return "item", [(1, whole)], parsed
     info["container"] = "jsonl"
 
-    def rows() -> Iterator[tuple[int, Any]]:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise StageError(f"{src.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+    def parse(number: int, line: str) -> Any:
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise StageError(f"{src.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
 
-    return "line", rows()
+    return "line", [(number, line) for number, line in enumerate(lines, start=1) if line.strip()], parse
+
+
+class JsonLines:
+    """A UTF-8 JSON-lines file as rows (line number, line), in shares of bytes rather than lines:
+    a worker process decodes, splits and parses its own share of the file (this process never
+    splits all of it: objects it made, touched by the workers, would be copied page by page).
+    share lo..hi holds the lines that start at a byte in lo..hi."""
+
+    min_share = 8_000_000  # bytes: a file under 16 MB is not worth a second process
+
+    def __init__(self, path: str, data: bytes, first: tuple[int, bytes]):
+        self.path, self.data, self.first_line = path, data, first
+
+    @classmethod
+    def of(cls, path: str, data: bytes) -> JsonLines | None:
+        """The file as JSON lines if it plainly is (two or more lines, the first one JSON);
+        None for anything read_json must look at as a whole."""
+        if data.lstrip()[:1] == b"[":
+            return None
+        firsts, pos, number = [], 0, 1
+        while len(firsts) < 2 and pos < len(data):
+            end = data.find(b"\n", pos)
+            end = len(data) if end < 0 else end
+            if data[pos:end].strip():
+                firsts.append((number, data[pos:end]))
+            pos, number = end + 1, number + 1
+        if len(firsts) < 2:
+            return None
+        try:
+            orjson.loads(firsts[0][1])
+        except orjson.JSONDecodeError:
+            return None
+        return cls(path, data, firsts[0])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, share: slice) -> list[tuple[int, str]]:
+        begin, end = line_start(self.data, share.start), line_start(self.data, min(share.stop, len(self.data)))
+        try:
+            text = self.data[begin:end].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise undecodable(self.path, self.data, UnicodeDecodeError(
+                "utf-8", self.data, begin + e.start, begin + e.end, e.reason), "utf-8") from None
+        first = self.data.count(b"\n", 0, begin) + 1
+        return [(number, line) for number, line in enumerate(text.split("\n"), start=first) if line.strip()]
+
+    def parse(self, number: int, line: str) -> Any:
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise StageError(f"{self.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+
+    def first(self) -> tuple[int, bytes]:
+        return self.first_line
+
+
+def parsed(number: int, row: Any) -> Any:
+    return row
 
 
 QUESTION_START = (r"^\s*(?:第\s*\d+\s*题\s*[.．、:：]?|\d+\s*[.．、:：)）]|[(（]\d+[)）]|【\s*(?:问题|题目)\s*】\s*[:：]?"
@@ -577,13 +638,13 @@ def container_of(src: Source) -> str:
     return container
 
 
-def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False) -> tuple[dict, Iterator[dict]]:
+def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False) -> tuple[dict, SourceRecords]:
     """Detect what a source is (returned as a dict, before any record is read) and its records.
     sheet_in_source: name the sheet in each record's source (when one workbook is listed twice)."""
     container = container_of(src)
     info: dict = {"container": container, "encoding": None, "format": src.format, "detected": src.format == "auto",
                   "mapping": {}, "sheet_in_source": sheet_in_source}
-    unit = "row"
+    unit, parse = "row", parsed
     if container in ("xlsx", "csv"):
         header, rows = read_xlsx(src, info) if container == "xlsx" else read_csv(src, info, limit)
         fmt, mapping = ("alpaca", {}) if src.format == "alpaca" else detect_table(src, header)
@@ -608,42 +669,64 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
             info["mapping"]["meta"] = [h for h in header if h and h not in set(filter(None, needed))]
         else:
             info["mapping"]["meta"] = dict(src.meta)
-        table_rows = ((n, dict(zip(header, values))) for n, values in rows)
-        rows_iter: Iterator[tuple[int, Any]] = table_rows
+        def parse(number: int, values: list) -> dict:
+            return dict(zip(header, values))
     elif container == "json":
-        unit, rows_iter = read_json(src, info)
-        first = next(rows_iter, None)
-        if first is None:
+        unit, rows, parse = read_json(src, info)
+        if not rows:
             raise StageError(f"{src.path}: no records in the file")
-        fmt = src.format if src.format != "auto" else detect_json(src, first[1], f"{src.path}: {unit} {first[0]}")
+        number, first = rows.first() if isinstance(rows, JsonLines) else rows[0]
+        first = parse(number, first)
+        fmt = src.format if src.format != "auto" else detect_json(src, first, f"{src.path}: {unit} {number}")
         if fmt == "table":
-            header = list(first[1]) if isinstance(first[1], dict) else []
+            header = list(first) if isinstance(first, dict) else []
             fmt, mapping = detect_table(src, header)
             info["mapping"] = mapping
         info["format"] = fmt
-        rows_iter = itertools.chain([first], rows_iter)
     elif container == "docx":
         info["format"] = fmt = "exam"
-        unit, rows_iter = "paragraph", read_docx(src, info, limit)
+        unit, rows = "paragraph", list(read_docx(src, info, limit))
     else:
         info["format"] = fmt = "text"
-        unit, rows_iter = "line", read_text(src, info)
+        unit, rows = "line", list(read_text(src, info))
         info["mapping"] = {"chunk_chars": src.chunk_chars}
     info["unit"] = unit
     if fmt in ("sharegpt", "messages", "alpaca", "xtuner", "preference") and src.fields:
         info["mapping"] = {**info["mapping"], "fields": dict(src.fields)}
-    return info, records(src, fmt, info, rows_iter, limit)
+    return info, SourceRecords(src, fmt, info, rows, parse, limit)
 
 
-def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], limit: int) -> Iterator[dict]:
+class SourceRecords:
+    """A source's records, in row order. Iterating converts every row (counting into info);
+    share(lo, hi, counts) converts the rows of units lo..hi only (rows, or bytes of JSON lines),
+    so ingest can spread a large source over worker processes, each counting into its own `counts`."""
+
+    def __init__(self, src: Source, fmt: str, info: dict, rows: list[tuple[int, Any]] | JsonLines,
+                 parse: Callable[[int, Any], Any], limit: int):
+        self.src, self.fmt, self.info, self.rows, self.parse, self.limit = src, fmt, info, rows, parse, limit
+        self.min_share = getattr(rows, "min_share", 20_000)  # units per worker, at least
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.share(0, len(self.rows), self.info)
+
+    def share(self, lo: int, hi: int, counts: dict) -> Iterator[dict]:
+        counts.update(rows=0, blank_rows=0, rows_with_tools=0)
+        return records(self.src, self.fmt, self.info, ((n, self.parse(n, raw)) for n, raw in self.rows[lo:hi]),
+                       self.limit, counts)
+
+
+def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], limit: int,
+            counts: dict) -> Iterator[dict]:
     unit, mapping = info["unit"], info["mapping"]
     table = info["container"] in ("xlsx", "csv")
-    info["rows"] = info["blank_rows"] = info["rows_with_tools"] = 0
     for number, row in rows:
         if not isinstance(row, dict):
             raise StageError(f"{src.path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
         if table and all(as_text(v).strip() == "" for v in row.values()):
-            info["blank_rows"] += 1  # an empty spreadsheet row is no data: counted, not a record
+            counts["blank_rows"] += 1  # an empty spreadsheet row is no data: counted, not a record
             continue
         try:
             messages, extra, meta = convert(fmt, src, row, mapping, limit)
@@ -653,8 +736,8 @@ def records(src: Source, fmt: str, info: dict, rows: Iterator[tuple[int, Any]], 
             "file": src.path, "row": number}
         record = {"id": "", "source": source, "messages": messages, "meta": meta, **extra}
         record["id"] = record_id(record)
-        info["rows"] += 1
-        info["rows_with_tools"] += "tools" in extra
+        counts["rows"] += 1
+        counts["rows_with_tools"] += "tools" in extra
         yield record
 
 
@@ -686,19 +769,28 @@ def main() -> None:
         raise StageError("params.yaml: ingest.sources lists the same file (and sheet) twice")
     paths = [path for path, _ in listed]
     infos: dict[str, dict] = {}
-
-    def every_record() -> Iterator[dict]:
+    total = 0
+    with no_cycle_collection(), atomic_path(args.out) as tmp, open(tmp, "wb") as out:
         for src in p.sources:
             twice = paths.count(src.path) > 1
-            info, rows = open_source(src, p.max_cell_chars, sheet_in_source=twice)
+            info, source_records = open_source(src, p.max_cell_chars, sheet_in_source=twice)
             infos[f"{src.path}#{info.get('sheet')}" if twice else src.path] = info
-            yield from rows
+
+            def convert_share(lo: int, hi: int) -> tuple[bytes, dict]:
+                counts: dict = {}
+                return b"".join([orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
+                                 for r in source_records.share(lo, hi, counts)]), counts
+
+            # a large source is converted on every core: each worker parses and maps its share
+            info.update(rows=0, blank_rows=0, rows_with_tools=0)
+            for lines, counts in in_forked_shares(len(source_records), convert_share, source_records.min_share):
+                out.write(lines)
+                for key, n in counts.items():
+                    info[key] += n
             if info["rows"] == 0:
                 raise StageError(f"{src.path}: no data rows (only a header or blank rows)")
+            total += info["rows"]
             print(f"ingest: {src.path}: {info['rows']} rows; {describe(info)}")
-
-    with no_cycle_collection():
-        total = write_records(args.out, every_record())
     for info in infos.values():
         info.pop("sheet_in_source")
     write_json(args.metrics, {"rows_total": total,

@@ -9,14 +9,20 @@ Assistant messages that call a tool keep the call as JSON text in "content" (so 
 renders it) and structured in "tool_calls"; tool results are messages with role "tool".
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
+A stage that passes a record on unchanged writes back the line it read (RecordLines), and a stage
+with much per-row work spreads it over the cores (in_forked_shares).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import hashlib
+import os
+import pickle
+import tempfile
+import traceback
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import orjson
 
@@ -68,32 +74,94 @@ def no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-def read_records(path: str | Path) -> Iterator[dict]:
-    """Canonical records from a JSON-lines file written by an earlier stage."""
+def read_lines_raw(path: str | Path) -> Iterator[tuple[bytes, int]]:
+    """(line, line number) of a JSON-lines file written by an earlier stage, blank lines skipped;
+    each line ends with a newline."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: file not found (run the previous stage first)")
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise StageError(f"{path}: line {number}: invalid JSON ({e})") from None
-            if not (isinstance(record, dict) and isinstance(record.get("messages"), list)
-                    and isinstance(record.get("source"), dict) and "file" in record["source"]):
-                raise StageError(f"{path}: line {number}: not a canonical record ({{id, source, messages, meta}})")
+            if line.strip():
+                yield (line if line.endswith(b"\n") else line + b"\n"), number
+
+
+def parse_record(path: str | Path, line: bytes, number: int) -> dict:
+    """One line of read_lines_raw as a canonical record."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise StageError(f"{path}: line {number}: invalid JSON ({e})") from None
+    if not (isinstance(record, dict) and isinstance(record.get("messages"), list)
+            and isinstance(record.get("source"), dict) and "file" in record["source"]):
+        raise StageError(f"{path}: line {number}: not a canonical record ({{id, source, messages, meta}})")
+    return record
+
+
+def read_file(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: file not found (run the previous stage first)")
+    return path.read_bytes()
+
+
+def line_start(data: bytes, pos: int) -> int:
+    """Where the first line that starts at or after byte pos starts (len(data) if none does)."""
+    if pos <= 0:
+        return 0
+    newline = data.find(b"\n", pos - 1)
+    return len(data) if newline < 0 else newline + 1
+
+
+def lines_of_share(data: bytes, lo: int, hi: int) -> list[tuple[bytes, int]]:
+    """(line, line number) of the lines starting at a byte in lo..hi, as read_lines_raw gives
+    them: a worker's share of a JSON-lines file, cut from the file's bytes (this process never
+    splits all of it: objects it made, touched by a worker, would be copied page by page)."""
+    begin, end = line_start(data, lo), line_start(data, min(hi, len(data)))
+    first = data.count(b"\n", 0, begin) + 1
+    return [(line + b"\n", number) for number, line in enumerate(data[begin:end].split(b"\n"), start=first)
+            if line.strip()]
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[bytes, dict]]:
+    """(line, canonical record) from a JSON-lines file written by an earlier stage."""
+    return ((line, parse_record(path, line, number)) for line, number in read_lines_raw(path))
+
+
+def read_records(path: str | Path) -> Iterator[dict]:
+    """Canonical records from a JSON-lines file written by an earlier stage."""
+    return (record for _, record in read_lines(path))
+
+
+class RecordLines:
+    """The line each record was read from: a record passed on unchanged is written back as that
+    line instead of being encoded again (the same bytes: orjson wrote them). Records that a stage
+    changes are new dicts (never changed in place), so they are encoded."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[dict, bytes]] = {}
+
+    def read(self, path: str | Path) -> Iterator[dict]:
+        for line, record in read_lines(path):
+            self.by_id[id(record)] = (record, line)  # the record is held: its id stays its own
             yield record
 
+    def line(self, record: dict) -> bytes:
+        entry = self.by_id.get(id(record))
+        if entry is not None and entry[0] is record:
+            return entry[1]
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
-def write_records(path: str | Path, records: Iterable[dict]) -> int:
-    """Write JSON lines atomically (a killed stage leaves no half-written file); returns the count."""
+
+def write_records(path: str | Path, records: Iterable[dict], lines: RecordLines | None = None) -> int:
+    """Write JSON lines atomically (a killed stage leaves no half-written file); returns the count.
+    lines: where records were read from, to write unchanged ones back as read."""
+    encode = lines.line if lines is not None else lambda r: orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
     n = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         buffer = []
         for record in records:
-            buffer.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            buffer.append(encode(record))
             if len(buffer) >= 4096:
                 f.write(b"".join(buffer))
                 n += len(buffer)
@@ -101,6 +169,54 @@ def write_records(path: str | Path, records: Iterable[dict]) -> int:
         f.write(b"".join(buffer))
         n += len(buffer)
     return n
+
+
+T = TypeVar("T")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def in_forked_shares(n: int, work: Callable[[int, int], T], min_share: int = 20_000) -> list[T]:
+    """work(lo, hi) over consecutive shares of range(n), one share per core, shares of at least
+    min_share: the parent does the first share while forked children (sharing its memory, copy on
+    write) do the others. Results come back pickled, in order. An error in a share is raised here,
+    the first share's first, so the earliest bad row is the one reported."""
+    processes = max(1, min(cores(), n // max(1, min_share))) if hasattr(os, "fork") else 1
+    bounds = [n * k // processes for k in range(processes + 1)]
+    children = []
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        out = tempfile.TemporaryFile()
+        pid = os.fork()
+        if pid == 0:  # the child: work, write the result, leave at once (no atexit, no pytest teardown)
+            code = 0
+            try:
+                try:
+                    result = (True, work(lo, hi))
+                except StageError as e:
+                    result = (False, e)
+                except BaseException:
+                    result, code = (False, RuntimeError(traceback.format_exc())), 1
+                pickle.dump(result, out, protocol=pickle.HIGHEST_PROTOCOL)
+                out.flush()
+            finally:
+                os._exit(code)
+        children.append((pid, out))
+    try:
+        results = [work(bounds[0], bounds[1])]
+    finally:
+        statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid, _ in children]
+    for (_, out), status in zip(children, statuses):
+        out.seek(0)
+        try:
+            ok, value = pickle.load(out)
+        except Exception:
+            raise RuntimeError(f"a forked worker exited with status {status} without a result") from None
+        if not ok:
+            raise value
+        results.append(value)
+    return results
 
 
 def source_label(record: dict) -> str:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 import random
-import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterable
 
-from stages.common import Params, StageError, load_params, run_stage, write_json
-from stages.records import no_cycle_collection, prompt_key, read_records, source_label, write_records
+import orjson
+
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.records import (in_forked_shares, lines_of_share, no_cycle_collection, parse_record, prompt_key,
+                            read_file, source_label)
 
 
 class Mix(Params):
@@ -44,8 +46,40 @@ def field(record: dict, path: str) -> str:
     return str(value)
 
 
-def mix(records: list[dict], rules: list[Mix], seed: int) -> tuple[list[dict], list[dict], dict]:
-    """Apply caps and shares per source; returns (kept, left out, achieved rows per rule)."""
+class Rows:
+    """What split needs of each cleaned record, one list per fact (row i is line i of the file):
+    the line itself (written out as read), source label, prompt key, near-duplicate group,
+    stratum and the xtuner line. Records are parsed in worker processes, one share each, and
+    only these facts come back."""
+
+    def __init__(self, path: str, stratify: str | None):
+        data = read_file(path)
+
+        def facts(lo: int, hi: int) -> list[tuple]:
+            out, same = [], {}  # one object per distinct label or stratum: pickled once
+            for line, number in lines_of_share(data, lo, hi):
+                record = parse_record(path, line, number)
+                label = same.setdefault(source_label(record), source_label(record))
+                if record.get("text") is not None:
+                    out.append((label, None, None, None, None))
+                else:
+                    stratum = field(record, stratify) if stratify else ""
+                    out.append((label, prompt_key(record), record.get("group") or None, same.setdefault(stratum, stratum),
+                                orjson.dumps(to_xtuner(record), option=orjson.OPT_APPEND_NEWLINE)))
+            return out
+
+        rows = [row for share in in_forked_shares(len(data), facts, min_share=8_000_000) for row in share]
+        self.lines = [line for line, _ in lines_of_share(data, 0, len(data))]
+        self.label, self.prompt, self.group, self.stratum, self.xtuner = (list(c) for c in zip(*rows)) if rows else (
+            [], [], [], [], [])
+
+    def reason_line(self, i: int, reason: str) -> bytes:
+        """Line i with a "reason" key added at the end, as {**record, "reason": reason} would be."""
+        return self.lines[i][:self.lines[i].rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}\n"
+
+
+def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list[int], list[int], dict]:
+    """Apply caps and shares per source to the chat rows; returns (kept, left out, achieved rows per rule)."""
     rng = random.Random(seed)
     chosen: dict[int, list[int]] = {}
     claimed: set[int] = set()
@@ -54,30 +88,31 @@ def mix(records: list[dict], rules: list[Mix], seed: int) -> tuple[list[dict], l
             raise StageError(f"params.yaml: split.mix[{n}] ({rule.source}): set exactly one of max_rows and share")
         if rule.share is not None and not 0 < rule.share < 1:
             raise StageError(f"params.yaml: split.mix[{n}].share must be between 0 and 1")
-        rows = [i for i, r in enumerate(records) if i not in claimed and fnmatch.fnmatch(source_label(r), rule.source)]
-        if not rows:
+        # positions in `chats`, so the seeded sample is the same whatever else is in the file
+        members = [k for k, i in enumerate(chats) if k not in claimed and fnmatch.fnmatch(rows.label[i], rule.source)]
+        if not members:
             raise StageError(f"params.yaml: split.mix[{n}]: no cleaned records from '{rule.source}'")
-        claimed.update(rows)
-        chosen[n] = rows
-    others = len(records) - len(claimed)
-    keep_rows: set[int] = set(range(len(records))) - claimed
+        claimed.update(members)
+        chosen[n] = members
+    others = len(chats) - len(claimed)
+    keep: set[int] = set(range(len(chats))) - claimed
     for n, rule in enumerate(rules):
-        rows = chosen[n]
+        members = chosen[n]
         if rule.max_rows is not None:
-            target = min(rule.max_rows, len(rows))
+            target = min(rule.max_rows, len(members))
         else:  # share s of the whole: n = s / (1 - s) * (everything else)
-            target = min(len(rows), round(rule.share / (1 - rule.share) * (others + sum(
+            target = min(len(members), round(rule.share / (1 - rule.share) * (others + sum(
                 min(r.max_rows, len(chosen[m])) for m, r in enumerate(rules) if r.max_rows is not None))))
-        keep_rows.update(sorted(rng.sample(rows, target)))
-    kept = [r for i, r in enumerate(records) if i in keep_rows]
-    left = [{**r, "reason": "mixed_out"} for i, r in enumerate(records) if i not in keep_rows]
-    achieved = {rule.source: sum(1 for i in chosen[n] if i in keep_rows) for n, rule in enumerate(rules)}
+        keep.update(sorted(rng.sample(members, target)))
+    kept = [i for k, i in enumerate(chats) if k in keep]
+    left = [i for k, i in enumerate(chats) if k not in keep]
+    achieved = {rule.source: sum(1 for k in chosen[n] if k in keep) for n, rule in enumerate(rules)}
     return kept, left, achieved
 
 
-def groups_of(records: list[dict], keys: list[str]) -> dict[str, list[dict]]:
-    """Records joined by the same prompt or the same near-duplicate group (union-find), keyed by
-    the smallest prompt key in the group. keys: each record's prompt_key."""
+def groups_of(rows: Rows, chats: list[int]) -> dict[str, list[int]]:
+    """Rows joined by the same prompt or the same near-duplicate group (union-find), keyed by
+    the smallest prompt key in the group."""
     parent: dict[str, str] = {}
 
     def root(k: str) -> str:
@@ -86,14 +121,14 @@ def groups_of(records: list[dict], keys: list[str]) -> dict[str, list[dict]]:
             k = parent[k]
         return k
 
-    for r, key in zip(records, keys):
-        if r.get("group"):
-            a, b = root(key), root("\x00group\x00" + r["group"])
+    for i in chats:
+        if rows.group[i]:
+            a, b = root(rows.prompt[i]), root("\x00group\x00" + rows.group[i])
             if a != b:
                 parent[max(a, b)] = min(a, b)
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r, key in zip(records, keys):
-        groups[root(key)].append(r)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in chats:
+        groups[root(rows.prompt[i])].append(i)
     return groups
 
 
@@ -115,27 +150,9 @@ def to_xtuner(record: dict) -> dict:
     return {"conversation": conversation}
 
 
-def write_xtuner(out: Path, splits: dict[str, list[dict]]) -> None:
-    write_records(out / "xtuner" / "train.jsonl", map(to_xtuner, splits["train"]))
-    write_records(out / "xtuner" / "val.jsonl", map(to_xtuner, splits["val"]))
-
-
-def start_forked(work) -> int:
-    """Run work() in a forked process (on another core); its pid, for finish_forked()."""
-    pid = os.fork()
-    if pid == 0:  # the child: work, then leave at once (no atexit handlers, no pytest teardown)
-        try:
-            work()
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-        os._exit(0)
-    return pid
-
-
-def finish_forked(pid: int, what: str) -> None:
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        raise StageError(f"split: writing {what} failed")
+def write_lines(path: Path, lines: Iterable[bytes]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"".join(lines))
 
 
 def main() -> None:
@@ -149,16 +166,15 @@ def main() -> None:
         raise StageError("params.yaml: split.val_ratio + split.test_ratio must be between 0 and 1")
 
     with no_cycle_collection():
-        everything = list(read_records(args.records))
-        corpus = [r for r in everything if r.get("text") is not None]
-        chats = [r for r in everything if r.get("text") is None]
-        chats, mixed_out, achieved = mix(chats, p.mix, p.seed) if p.mix else (chats, [], {})
+        rows = Rows(args.records, p.stratify)
+        corpus = [i for i, prompt in enumerate(rows.prompt) if prompt is None]
+        chats = [i for i, prompt in enumerate(rows.prompt) if prompt is not None]
+        chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, [], {})
 
-        prompts = {id(r): prompt_key(r) for r in chats}  # computed once: grouping and leakage use them
-        groups = groups_of(chats, list(prompts.values()))
+        groups = groups_of(rows, chats)
         strata: dict[str, list[str]] = defaultdict(list)
         for key, members in groups.items():
-            strata[field(members[0], p.stratify) if p.stratify else ""].append(key)
+            strata[rows.stratum[members[0]]].append(key)
         small = [s for s, keys in strata.items() if len(keys) < p.min_stratum]
         if p.stratify and len(small) > 1:
             strata["(pooled small strata)"] = [k for s in small for k in strata.pop(s)]
@@ -170,35 +186,28 @@ def main() -> None:
             parts["test"] += keys[:n_test]
             parts["val"] += keys[n_test:n_test + n_val]
             parts["train"] += keys[n_test + n_val:]
-        splits = {name: [r for k in keys for r in groups[k]] for name, keys in parts.items()}
+        splits = {name: [i for k in keys for i in groups[k]] for name, keys in parts.items()}
         if min(map(len, splits.values())) == 0:
             raise StageError(f"{args.records}: too few records ({len(chats)}) for a train/val/test split "
                              f"with val_ratio {p.val_ratio} and test_ratio {p.test_ratio}")
 
         out = Path(args.out)
-        # a large split writes xtuner's copies in a forked process, on the second core, meanwhile
-        forked = len(chats) >= 100_000 and hasattr(os, "fork")
-        child = start_forked(lambda: write_xtuner(out, splits)) if forked else None
-        try:
-            for name, records in splits.items():
-                write_records(out / f"{name}.jsonl", records)
-            write_records(out / "corpus.jsonl", corpus)
-            write_records(out / "mixed_out.jsonl", mixed_out)
-        finally:
-            if child is not None:
-                finish_forked(child, f"{out / 'xtuner'}")
-        if child is None:
-            write_xtuner(out, splits)
+        for name, members in splits.items():
+            write_lines(out / f"{name}.jsonl", (rows.lines[i] for i in members))
+        write_lines(out / "corpus.jsonl", (rows.lines[i] for i in corpus))
+        write_lines(out / "mixed_out.jsonl", (rows.reason_line(i, "mixed_out") for i in mixed_out))
+        for name in ("train", "val"):  # xtuner's own format
+            write_lines(out / "xtuner" / f"{name}.jsonl", (rows.xtuner[i] for i in splits[name]))
 
         # leakage, counted independently of how the split was made
-        train_prompts = {prompts[id(r)] for r in splits["train"]}
-        train_groups = {r["group"] for r in splits["train"] if r.get("group")}
-        leakage = sum(prompts[id(r)] in train_prompts or (r.get("group") in train_groups)
-                      for r in splits["test"] + splits["val"])
-        assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) == len(everything), "split lost rows"
+        train_prompts = {rows.prompt[i] for i in splits["train"]}
+        train_groups = {rows.group[i] for i in splits["train"] if rows.group[i]}
+        leakage = sum(rows.prompt[i] in train_prompts or (rows.group[i] in train_groups)
+                      for i in splits["test"] + splits["val"])
+        assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) == len(rows.lines), "split lost rows"
         metrics = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "leakage_rows": leakage,
                    "corpus_rows": len(corpus), "mixed_out_rows": len(mixed_out),
-                   "rows_per_source": {name: dict(sorted(Counter(source_label(r) for r in v).items()))
+                   "rows_per_source": {name: dict(sorted(Counter(rows.label[i] for i in v).items()))
                                        for name, v in splits.items()}}
         if achieved:
             metrics["mix"] = {src: {"rows": n, "share": round(n / max(1, len(chats)), 4)}

@@ -4,9 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 import sys
 
+import orjson
 import pytest
+import yaml
 
 from conftest import REPO, run_stage, write_params
 from stages.common import StageError, read_jsonl
@@ -476,10 +479,104 @@ def test_alpaca_sheet_and_one_workbook_listed_twice(workdir):
     assert set(clean["by_source"]) == {"data/raw/alpaca.xlsx#train", "data/raw/alpaca.xlsx#extra"}
 
 
-def test_minhash_in_several_processes_equals_one():
-    from stages.clean import minhash_signatures
+# ----------------------------------------------------------------------------------------------
+# large inputs: ingest, clean and split spread their per-row work over worker processes
+# ----------------------------------------------------------------------------------------------
+def messy_rows(n: int) -> list[dict]:
+    """ShareGPT rows with every kind of problem clean handles, and tool calls and pairs among them."""
+    rows = []
+    for i in range(n):
+        q, a = f"How should drug {i % 40} be taken, case {i}?", f"With water, dose {i % 7} mg. Ask your pharmacist."
+        kind = i % 11
+        if kind == 1:
+            a = "N/A"
+        elif kind == 2:
+            q = "  " + q.replace(" ", "\u3000") + " <b>now</b>"
+        elif kind == 3 and i > 11:
+            q, a = rows[i - 11]["conversations"][0]["value"], rows[i - 11]["conversations"][1]["value"]  # duplicate
+        elif kind == 4:
+            a = a + " Call 13812345678."
+        elif kind == 5:
+            a = "，" + a.replace("water", "milk")
+        elif kind == 6:
+            q = f"How should drug {(i - 6) % 40} be taken, case {i - 6}?"  # row i-6's question, another answer
+            a = f"Not with alcohol or grapefruit juice; keep it away from children under {i % 12}."
+        rows.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "dept": str(i % 3)})
+    return rows
 
-    texts = [f"question {i} about drug {i % 7}: " + "x" * (i % 50) for i in range(300)] + ["", "ab"]
-    one = minhash_signatures(texts, ngram=5, num_perm=64, seed=1, batch=37, processes=1)
-    three = minhash_signatures(texts, ngram=5, num_perm=64, seed=1, batch=37, processes=3)
-    assert one.shape == (302, 64) and (one == three).all()
+
+def run_data_stages(folder: Path, monkeypatch, min_share: int) -> dict[str, bytes]:
+    """ingest, clean, split with shares of at least min_share rows; every output file's bytes."""
+    import functools
+
+    import stages.clean
+    import stages.ingest
+    import stages.records
+    import stages.split
+
+    shares = []
+
+    def counted(n, work, *_, **__):  # every stage's own minimum share size is overridden
+        results = stages.records.in_forked_shares(n, work, min_share=min_share)
+        shares.append(len(results))
+        return results
+
+    for module in (stages.ingest, stages.clean, stages.split):
+        monkeypatch.setattr(module, "in_forked_shares", functools.partial(counted))
+    for stage in ("ingest", "clean", "split"):
+        run_stage(folder, stage)
+    monkeypatch.undo()
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.json*")) if p.name != "params.yaml"}
+    return {"shares": shares, **files}
+
+
+@pytest.mark.parametrize("action", ["drop", "group"])
+def test_worker_processes_write_what_one_process_writes(tmp_path, monkeypatch, action):
+    from stages.records import write_records
+
+    outputs = {}
+    for name, min_share in (("one", 10**9), ("workers", 100)):
+        folder = tmp_path / name
+        (folder / "data/raw").mkdir(parents=True)
+        write_records(folder / "data/raw/chat.jsonl", messy_rows(660))
+        write_params(folder, {"ingest": {"sources": [{"path": "data/raw/chat.jsonl"}]},
+                              "clean": {"near_duplicates": {"action": action}}, "split": {"stratify": "meta.dept"}})
+        outputs[name] = run_data_stages(folder, monkeypatch, min_share)
+    one, workers = outputs["one"], outputs["workers"]
+    assert one.pop("shares") == [1, 1, 1] and workers.pop("shares") == [2, 2, 2]  # this machine: 2 cores or more
+    assert set(one) == set(workers) and len(one) > 10
+    for name in one:
+        assert workers[name] == one[name], name
+    metrics = json.loads(one["metrics/clean.json"])
+    assert metrics["rows_in"] == 660 and metrics["fixes"]["whitespace"] > 0 and metrics["pii_redacted"] == {"mobile": 60}
+    assert metrics["rejected_by_reason"]["duplicate"] == 59 and metrics["conflicting_questions"] > 0
+
+
+def test_stage_files_equal_clean_records(tmp_path, monkeypatch):
+    """The stage writes records as lines with keys appended; clean_records returns dicts: the same."""
+    from stages.clean import CleanParams, clean_records
+    from stages.records import read_records, write_records
+
+    (tmp_path / "data/raw").mkdir(parents=True)
+    write_records(tmp_path / "data/raw/chat.jsonl", messy_rows(300))
+    write_params(tmp_path, {"ingest": {"sources": [{"path": "data/raw/chat.jsonl"}]},
+                            "clean": {"near_duplicates": {"action": "group"}, "conflicting_answers": "keep_first"}})
+    run_data_stages(tmp_path, monkeypatch, 100)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())["clean"]
+    result = clean_records(read_records(tmp_path / "data/ingested/records.jsonl"), CleanParams(**params))
+    dumped = lambda records: b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)  # noqa: E731
+    assert dumped(result["kept"]) == (tmp_path / "data/cleaned/records.jsonl").read_bytes()
+    assert dumped(result["rejected"]) == (tmp_path / "data/cleaned/rejected.jsonl").read_bytes()
+    assert any(r.get("group") for r in result["kept"]) and any(r["reason"] == "conflicting_answer" for r in result["rejected"])
+
+
+def test_bad_line_in_a_workers_share_is_named(workdir, monkeypatch):
+    from stages.records import write_records
+
+    (workdir / "data/raw").mkdir(parents=True)
+    write_records(workdir / "data/raw/chat.jsonl", messy_rows(400))
+    with open(workdir / "data/raw/chat.jsonl", "ab") as f:
+        f.write(b'{"conversations": [}\n')
+    write_params(workdir, {"ingest": {"sources": [{"path": "data/raw/chat.jsonl"}]}})
+    with pytest.raises(StageError, match=r"chat.jsonl: line 401, column 20: invalid JSON"):
+        run_data_stages(workdir, monkeypatch, 100)
