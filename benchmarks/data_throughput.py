@@ -8,19 +8,18 @@ with a patient context and a real answer with a sentence of another answer, so l
 scripts are the real ones and rows are mostly distinct; 5% exact duplicates, 2% near-duplicates,
 1% placeholder answers and 0.5% empty answers are mixed in, as real exports have them.
 
-The stages run as `dvc repro` runs them (their main(), with params.yaml's clean rules, files in
-and out), in a temporary folder. Next to them, in the same run, the tutorial-style baseline:
+The stages run as `dvc repro` runs them (`python -m stages.NAME`, one fresh process each, with
+params.yaml's clean rules, files in and out), in a temporary folder. Next to them, in the same run, the tutorial-style baseline:
 pandas read (read_excel / read_json) + iterrows + json.dump per row. A benchmark, not a test:
 it prints figures and exits 0.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,28 +104,21 @@ def write_jsonl(path: Path, data: list[tuple[str, str, str]]) -> None:
 
 
 def run_stages(folder: Path, source: dict) -> dict:
-    """ingest, clean, split as dvc runs them; seconds per stage and what they printed."""
-    import importlib
-
+    """ingest, clean, split as dvc runs them (`python -m stages.NAME` in a fresh process each, imports
+    included); seconds per stage and the last line each printed."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["sources"] = [source]
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     timings, printed = {}, {}
-    previous, argv = os.getcwd(), sys.argv
-    os.chdir(folder)
-    try:
-        for stage in ("ingest", "clean", "split"):
-            module = importlib.import_module(f"stages.{stage}")
-            sys.argv = [stage]
-            buffer = io.StringIO()
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(buffer):
-                module.main()
-            timings[stage] = time.perf_counter() - start
-            printed[stage] = buffer.getvalue().strip().splitlines()[-1]
-    finally:
-        os.chdir(previous)
-        sys.argv = argv
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for stage in ("ingest", "clean", "split"):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder, env=env, capture_output=True,
+                              text=True)
+        timings[stage] = time.perf_counter() - start
+        if done.returncode != 0:
+            sys.exit(f"{stage} failed:\n{done.stdout}{done.stderr}")
+        printed[stage] = done.stdout.strip().splitlines()[-1]
     return {"seconds": timings, "printed": printed,
             "clean": json.loads((folder / "metrics/clean.json").read_text()),
             "split": json.loads((folder / "metrics/split.json").read_text())}

@@ -36,7 +36,7 @@ import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.records import (answer_text, in_forked_shares, lines_of_share, no_cycle_collection, parse_record,
-                             prompt_key, read_file, record_id, source_label, write_records)
+                             prompt_key, read_file, record_id, source_label, write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -767,7 +767,7 @@ def with_keys(line: bytes, keys: dict | None) -> bytes:
     (the keys are ones clean adds, which no record has yet)."""
     if not keys:
         return line
-    return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:] + b"\n"
+    return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:]
 
 
 def main() -> None:
@@ -791,7 +791,7 @@ def main() -> None:
             passed, sigs, fixes, redactions = first_pass(
                 (parse_record(args.records, line, n) for line, n in lines_of_share(data, lo, hi)), p)
             # a fixed record travels back as its JSON line
-            return [(orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) if f is not None else None, *rest)
+            return [(orjson.dumps(f) if f is not None else None, *rest)
                     for f, *rest in passed], sigs, fixes, redactions
 
         shares = in_forked_shares(len(data), share, min_share=8_000_000)  # steps 1-2 on every core
@@ -799,15 +799,13 @@ def main() -> None:
         sigs = np.concatenate([s for _, s, _, _ in shares]) if p.near_duplicates.enabled else None
         fixes, redactions = sum((s[2] for s in shares), Counter()), sum((s[3] for s in shares), Counter())
         lines = [fixed or line for (line, _), (fixed, *_) in zip(lines_of_share(data, 0, len(data)), passed)]
-        del shares, data
+        shares = data = None  # freed: the lines are all that is needed now
         seconds = {"read_fix_check": round(time.perf_counter() - clock, 2)}
         result = decide(passed, sigs, p, lambda i: orjson.loads(lines[i]), Path(args.judge_cache), fixes, redactions,
                         seconds)
-        with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-            f.write(b"".join([with_keys(lines[i], extra) for i, extra in result["kept"]]))
-        with atomic_path(args.rejected) as tmp, open(tmp, "wb") as f:
-            f.write(b"".join([with_keys(lines[i], {**(extra or {}), "reason": reason})
-                              for i, extra, reason in result["rejected"]]))
+        write_lines_to(args.out, (with_keys(lines[i], extra) for i, extra in result["kept"]))
+        write_lines_to(args.rejected, (with_keys(lines[i], {**(extra or {}), "reason": reason})
+                                       for i, extra, reason in result["rejected"]))
         write_records(args.conflicts, result["conflicts"])
     with atomic_path(args.lengths_plot) as tmp:
         tmp.write_text("chars,prompt,answer\n" + "".join(f"{h['chars']},{h['prompt']},{h['answer']}\n"

@@ -19,17 +19,19 @@ import argparse
 import codecs
 import csv
 import difflib
+import functools
 import io
 import itertools
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import in_forked_shares, line_start, no_cycle_collection, record_id
+from stages.records import append_file, in_forked_shares, line_start, no_cycle_collection, record_id, write_lines
 
 FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
 CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
@@ -291,24 +293,32 @@ class JsonLines:
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, share: slice) -> list[tuple[int, str]]:
+    def __getitem__(self, share: slice) -> Iterator[tuple[int, bytes]]:
         begin, end = line_start(self.data, share.start), line_start(self.data, min(share.stop, len(self.data)))
-        try:
-            text = self.data[begin:end].decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise undecodable(self.path, self.data, UnicodeDecodeError(
-                "utf-8", self.data, begin + e.start, begin + e.end, e.reason), "utf-8") from None
-        first = self.data.count(b"\n", 0, begin) + 1
-        return [(number, line) for number, line in enumerate(text.split("\n"), start=first) if line.strip()]
+        number = self.data.count(b"\n", 0, begin) + 1
+        for line in self.data[begin:end].split(b"\n"):
+            if line.strip():
+                yield number, line
+            number += 1
 
-    def parse(self, number: int, line: str) -> Any:
+    def parse(self, number: int, line: bytes) -> Any:
         try:
-            return orjson.loads(line)
+            return orjson.loads(line)  # bytes: orjson checks the UTF-8 as it parses
         except orjson.JSONDecodeError as e:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                start = self.data.find(line) + bad.start  # where in the file, for the message
+                raise undecodable(self.path, self.data, UnicodeDecodeError(
+                    "utf-8", self.data, start, start + 1, bad.reason), "utf-8") from None
             raise StageError(f"{self.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
 
     def first(self) -> tuple[int, bytes]:
         return self.first_line
+
+
+def table_row(header: list[str], number: int, values: list) -> dict:
+    return dict(zip(header, values))
 
 
 def parsed(number: int, row: Any) -> Any:
@@ -669,8 +679,7 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
             info["mapping"]["meta"] = [h for h in header if h and h not in set(filter(None, needed))]
         else:
             info["mapping"]["meta"] = dict(src.meta)
-        def parse(number: int, values: list) -> dict:
-            return dict(zip(header, values))
+        parse = functools.partial(table_row, header)
     elif container == "json":
         unit, rows, parse = read_json(src, info)
         if not rows:
@@ -770,21 +779,25 @@ def main() -> None:
     paths = [path for path, _ in listed]
     infos: dict[str, dict] = {}
     total = 0
-    with no_cycle_collection(), atomic_path(args.out) as tmp, open(tmp, "wb") as out:
+    with (no_cycle_collection(), atomic_path(args.out) as tmp, open(tmp, "wb") as out,
+          tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".ingest-parts-") as parts_dir):
         for src in p.sources:
             twice = paths.count(src.path) > 1
             info, source_records = open_source(src, p.max_cell_chars, sheet_in_source=twice)
             infos[f"{src.path}#{info.get('sheet')}" if twice else src.path] = info
 
-            def convert_share(lo: int, hi: int) -> tuple[bytes, dict]:
+            def convert_share(lo: int, hi: int) -> tuple[str, dict]:
+                """Convert rows lo..hi into a part file of the output; its path and the counts."""
                 counts: dict = {}
-                return b"".join([orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
-                                 for r in source_records.share(lo, hi, counts)]), counts
+                with tempfile.NamedTemporaryFile(dir=parts_dir, delete=False) as part:
+                    write_lines(part, map(orjson.dumps, source_records.share(lo, hi, counts)))
+                return part.name, counts
 
             # a large source is converted on every core: each worker parses and maps its share
             info.update(rows=0, blank_rows=0, rows_with_tools=0)
-            for lines, counts in in_forked_shares(len(source_records), convert_share, source_records.min_share):
-                out.write(lines)
+            parts = in_forked_shares(len(source_records), convert_share, source_records.min_share)
+            for part, counts in parts:
+                append_file(out, part)
                 for key, n in counts.items():
                     info[key] += n
             if info["rows"] == 0:

@@ -9,8 +9,9 @@ Assistant messages that call a tool keep the call as JSON text in "content" (so 
 renders it) and structured in "tool_calls"; tool results are messages with role "tool".
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
-A stage that passes a record on unchanged writes back the line it read (RecordLines), and a stage
-with much per-row work spreads it over the cores (in_forked_shares).
+A stage that passes a record on unchanged writes back the line it read, and a stage with much
+per-row work spreads it over the cores (in_forked_shares), each worker cutting its share of lines
+from the file's bytes (lines_of_share).
 """
 from __future__ import annotations
 
@@ -114,13 +115,13 @@ def line_start(data: bytes, pos: int) -> int:
 
 
 def lines_of_share(data: bytes, lo: int, hi: int) -> list[tuple[bytes, int]]:
-    """(line, line number) of the lines starting at a byte in lo..hi, as read_lines_raw gives
-    them: a worker's share of a JSON-lines file, cut from the file's bytes (this process never
-    splits all of it: objects it made, touched by a worker, would be copied page by page)."""
+    """(line without its newline, line number) of the non-blank lines starting at a byte in
+    lo..hi: a worker's share of a JSON-lines file, cut from the file's bytes (the parent never
+    splits all of it before the workers start: objects it made, touched by a worker, would be
+    copied page by page)."""
     begin, end = line_start(data, lo), line_start(data, min(hi, len(data)))
     first = data.count(b"\n", 0, begin) + 1
-    return [(line + b"\n", number) for number, line in enumerate(data[begin:end].split(b"\n"), start=first)
-            if line.strip()]
+    return [(line, number) for number, line in enumerate(data[begin:end].split(b"\n"), start=first) if line.strip()]
 
 
 def read_lines(path: str | Path) -> Iterator[tuple[bytes, dict]]:
@@ -133,42 +134,40 @@ def read_records(path: str | Path) -> Iterator[dict]:
     return (record for _, record in read_lines(path))
 
 
-class RecordLines:
-    """The line each record was read from: a record passed on unchanged is written back as that
-    line instead of being encoded again (the same bytes: orjson wrote them). Records that a stage
-    changes are new dicts (never changed in place), so they are encoded."""
-
-    def __init__(self) -> None:
-        self.by_id: dict[int, tuple[dict, bytes]] = {}
-
-    def read(self, path: str | Path) -> Iterator[dict]:
-        for line, record in read_lines(path):
-            self.by_id[id(record)] = (record, line)  # the record is held: its id stays its own
-            yield record
-
-    def line(self, record: dict) -> bytes:
-        entry = self.by_id.get(id(record))
-        if entry is not None and entry[0] is record:
-            return entry[1]
-        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-
-
-def write_records(path: str | Path, records: Iterable[dict], lines: RecordLines | None = None) -> int:
-    """Write JSON lines atomically (a killed stage leaves no half-written file); returns the count.
-    lines: where records were read from, to write unchanged ones back as read."""
-    encode = lines.line if lines is not None else lambda r: orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
-    n = 0
+def write_records(path: str | Path, records: Iterable[dict]) -> int:
+    """Write JSON lines atomically (a killed stage leaves no half-written file); returns the count."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        buffer = []
-        for record in records:
-            buffer.append(encode(record))
-            if len(buffer) >= 4096:
-                f.write(b"".join(buffer))
-                n += len(buffer)
-                buffer.clear()
-        f.write(b"".join(buffer))
-        n += len(buffer)
-    return n
+        return write_lines(f, map(orjson.dumps, records))
+
+
+def write_lines(f, lines: Iterable[bytes]) -> int:
+    """Write lines (each without its newline) to an open binary file, in blocks; returns the count."""
+    n, buffer = 0, []
+    for line in lines:
+        buffer.append(line)
+        if len(buffer) >= 4096:
+            f.write(b"\n".join(buffer) + b"\n")
+            n += len(buffer)
+            buffer.clear()
+    if buffer:
+        f.write(b"\n".join(buffer) + b"\n")
+    return n + len(buffer)
+
+
+def write_lines_to(path: str | Path, lines: Iterable[bytes]) -> int:
+    """write_lines into a new file at path, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        return write_lines(f, lines)
+
+
+def append_file(out, path: str | Path) -> None:
+    """Append the file at `path` to the open binary file `out` (in the kernel), then delete it."""
+    out.flush()
+    with open(path, "rb") as part:
+        size, offset = os.fstat(part.fileno()).st_size, 0
+        while offset < size:
+            offset += os.sendfile(out.fileno(), part.fileno(), offset, size - offset)
+    os.unlink(path)
 
 
 T = TypeVar("T")

@@ -15,13 +15,11 @@ import fnmatch
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable
-
 import orjson
 
-from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.common import Params, StageError, load_params, run_stage, write_json
 from stages.records import (in_forked_shares, lines_of_share, no_cycle_collection, parse_record, prompt_key,
-                            read_file, source_label)
+                            read_file, source_label, write_lines_to)
 
 
 class Mix(Params):
@@ -65,7 +63,7 @@ class Rows:
                 else:
                     stratum = field(record, stratify) if stratify else ""
                     out.append((label, prompt_key(record), record.get("group") or None, same.setdefault(stratum, stratum),
-                                orjson.dumps(to_xtuner(record), option=orjson.OPT_APPEND_NEWLINE)))
+                                orjson.dumps(to_xtuner(record))))
             return out
 
         rows = [row for share in in_forked_shares(len(data), facts, min_share=8_000_000) for row in share]
@@ -75,7 +73,7 @@ class Rows:
 
     def reason_line(self, i: int, reason: str) -> bytes:
         """Line i with a "reason" key added at the end, as {**record, "reason": reason} would be."""
-        return self.lines[i][:self.lines[i].rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}\n"
+        return self.lines[i][:self.lines[i].rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}"
 
 
 def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list[int], list[int], dict]:
@@ -150,11 +148,6 @@ def to_xtuner(record: dict) -> dict:
     return {"conversation": conversation}
 
 
-def write_lines(path: Path, lines: Iterable[bytes]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", default="data/cleaned/records.jsonl")
@@ -193,11 +186,11 @@ def main() -> None:
 
         out = Path(args.out)
         for name, members in splits.items():
-            write_lines(out / f"{name}.jsonl", (rows.lines[i] for i in members))
-        write_lines(out / "corpus.jsonl", (rows.lines[i] for i in corpus))
-        write_lines(out / "mixed_out.jsonl", (rows.reason_line(i, "mixed_out") for i in mixed_out))
+            write_lines_to(out / f"{name}.jsonl", (rows.lines[i] for i in members))
+        write_lines_to(out / "corpus.jsonl", (rows.lines[i] for i in corpus))
+        write_lines_to(out / "mixed_out.jsonl", (rows.reason_line(i, "mixed_out") for i in mixed_out))
         for name in ("train", "val"):  # xtuner's own format
-            write_lines(out / "xtuner" / f"{name}.jsonl", (rows.xtuner[i] for i in splits[name]))
+            write_lines_to(out / "xtuner" / f"{name}.jsonl", (rows.xtuner[i] for i in splits[name]))
 
         # leakage, counted independently of how the split was made
         train_prompts = {rows.prompt[i] for i in splits["train"]}

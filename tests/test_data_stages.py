@@ -109,8 +109,6 @@ def test_missing_column_and_bad_json_are_named(workdir):
 # ----------------------------------------------------------------------------------------------
 # formats and containers
 # ----------------------------------------------------------------------------------------------
-from pathlib import Path  # noqa: E402
-
 from stages.clean import CleanParams, TextFixer, clean_records, minhash_signatures, ngram_hash32  # noqa: E402
 from stages.ingest import Source, open_source  # noqa: E402
 
