@@ -26,6 +26,7 @@ import html
 import os
 import re
 import unicodedata
+from array import array
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +36,8 @@ import numpy as np
 import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import (answer_text, in_forked_shares, lines_of_share, no_cycle_collection, parse_record,
-                             prompt_key, read_file, record_id, source_label, write_lines_to, write_records)
+from stages.records import (Lines, answer_text, in_forked_shares, no_cycle_collection, parse_record, prompt_key,
+                             read_file, record_id, source_label, spans_of_share, write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -762,11 +763,12 @@ def summary(values: list[int]) -> dict:
     return {"p50": ordered[len(ordered) // 2], "p90": ordered[int(len(ordered) * 0.9)], "max": ordered[-1]}
 
 
-def with_keys(line: bytes, keys: dict | None) -> bytes:
+def with_keys(line: bytes | memoryview, keys: dict | None) -> bytes | memoryview:
     """A record's JSON line with keys added at the end, as {**record, **keys} would be encoded
     (the keys are ones clean adds, which no record has yet)."""
     if not keys:
         return line
+    line = bytes(line)
     return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:]
 
 
@@ -787,24 +789,29 @@ def main() -> None:
         data = read_file(args.records)
         TextFixer(p)  # its regexes are built here, once, not in each worker
 
-        def share(lo: int, hi: int) -> tuple[list[tuple], np.ndarray | None, Counter, Counter]:
+        def share(lo: int, hi: int) -> tuple[array, array, list[tuple], np.ndarray | None, Counter, Counter]:
+            spans, view = list(spans_of_share(data, lo, hi)), memoryview(data)
             passed, sigs, fixes, redactions = first_pass(
-                (parse_record(args.records, line, n) for line, n in lines_of_share(data, lo, hi)), p)
-            # a fixed record travels back as its JSON line
-            return [(orjson.dumps(f) if f is not None else None, *rest)
-                    for f, *rest in passed], sigs, fixes, redactions
+                (parse_record(args.records, view[start:end], n) for start, end, n in spans), p)
+            # positions of the lines, and a fixed record as its new JSON line
+            return (array("q", [start for start, _, _ in spans]), array("q", [end for _, end, _ in spans]),
+                    [(orjson.dumps(f) if f is not None else None, *rest) for f, *rest in passed], sigs, fixes, redactions)
 
         shares = in_forked_shares(len(data), share, min_share=8_000_000)  # steps 1-2 on every core
-        passed = [row for rows, _, _, _ in shares for row in rows]
-        sigs = np.concatenate([s for _, s, _, _ in shares]) if p.near_duplicates.enabled else None
-        fixes, redactions = sum((s[2] for s in shares), Counter()), sum((s[3] for s in shares), Counter())
-        lines = [fixed or line for (line, _), (fixed, *_) in zip(lines_of_share(data, 0, len(data)), passed)]
-        shares = data = None  # freed: the lines are all that is needed now
+        read = Lines(data, (x for s in shares for x in s[0]), (x for s in shares for x in s[1]))
+        passed = [row for s in shares for row in s[2]]
+        sigs = np.concatenate([s[3] for s in shares]) if p.near_duplicates.enabled else None
+        fixes, redactions = sum((s[4] for s in shares), Counter()), sum((s[5] for s in shares), Counter())
+        shares = None
+
+        def line(i: int) -> bytes | memoryview:
+            return passed[i][0] or read[i]
+
         seconds = {"read_fix_check": round(time.perf_counter() - clock, 2)}
-        result = decide(passed, sigs, p, lambda i: orjson.loads(lines[i]), Path(args.judge_cache), fixes, redactions,
+        result = decide(passed, sigs, p, lambda i: orjson.loads(line(i)), Path(args.judge_cache), fixes, redactions,
                         seconds)
-        write_lines_to(args.out, (with_keys(lines[i], extra) for i, extra in result["kept"]))
-        write_lines_to(args.rejected, (with_keys(lines[i], {**(extra or {}), "reason": reason})
+        write_lines_to(args.out, (with_keys(line(i), extra) for i, extra in result["kept"]))
+        write_lines_to(args.rejected, (with_keys(line(i), {**(extra or {}), "reason": reason})
                                        for i, extra, reason in result["rejected"]))
         write_records(args.conflicts, result["conflicts"])
     with atomic_path(args.lengths_plot) as tmp:

@@ -10,8 +10,8 @@ renders it) and structured in "tool_calls"; tool results are messages with role 
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
 A stage that passes a record on unchanged writes back the line it read, and a stage with much
-per-row work spreads it over the cores (in_forked_shares), each worker cutting its share of lines
-from the file's bytes (lines_of_share).
+per-row work spreads it over the cores (in_forked_shares), each worker reading its share of the
+file's lines where they lie in its bytes (spans_of_share).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import os
 import pickle
 import tempfile
 import traceback
+from array import array
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -75,20 +76,8 @@ def no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-def read_lines_raw(path: str | Path) -> Iterator[tuple[bytes, int]]:
-    """(line, line number) of a JSON-lines file written by an earlier stage, blank lines skipped;
-    each line ends with a newline."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: file not found (run the previous stage first)")
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield (line if line.endswith(b"\n") else line + b"\n"), number
-
-
 def parse_record(path: str | Path, line: bytes, number: int) -> dict:
-    """One line of read_lines_raw as a canonical record."""
+    """One line of a stage's JSON-lines output as a canonical record."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as e:
@@ -114,24 +103,39 @@ def line_start(data: bytes, pos: int) -> int:
     return len(data) if newline < 0 else newline + 1
 
 
-def lines_of_share(data: bytes, lo: int, hi: int) -> list[tuple[bytes, int]]:
-    """(line without its newline, line number) of the non-blank lines starting at a byte in
-    lo..hi: a worker's share of a JSON-lines file, cut from the file's bytes (the parent never
-    splits all of it before the workers start: objects it made, touched by a worker, would be
-    copied page by page)."""
-    begin, end = line_start(data, lo), line_start(data, min(hi, len(data)))
-    first = data.count(b"\n", 0, begin) + 1
-    return [(line, number) for number, line in enumerate(data[begin:end].split(b"\n"), start=first) if line.strip()]
+def spans_of_share(data: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, line number) of the non-blank lines starting at a byte in lo..hi: a worker's
+    share of a JSON-lines file, as positions in the file's bytes (nothing copied; orjson parses
+    memoryview slices)."""
+    pos, stop = line_start(data, lo), line_start(data, min(hi, len(data)))
+    number = data.count(b"\n", 0, pos) + 1
+    while pos < stop:
+        end = data.find(b"\n", pos, stop)
+        end = stop if end < 0 else end
+        if end > pos and (data[pos] not in b" \t\r\f\v" or data[pos:end].strip()):
+            yield pos, end, number
+        pos, number = end + 1, number + 1
 
 
-def read_lines(path: str | Path) -> Iterator[tuple[bytes, dict]]:
-    """(line, canonical record) from a JSON-lines file written by an earlier stage."""
-    return ((line, parse_record(path, line, number)) for line, number in read_lines_raw(path))
+class Lines:
+    """Lines of a file's bytes by their spans: line i is data[starts[i]:ends[i]]."""
+
+    def __init__(self, data: bytes, starts: Iterable[int], ends: Iterable[int]):
+        self.data, self.view = data, memoryview(data)
+        self.starts, self.ends = array("q", starts), array("q", ends)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> memoryview:
+        return self.view[self.starts[i]:self.ends[i]]
 
 
 def read_records(path: str | Path) -> Iterator[dict]:
     """Canonical records from a JSON-lines file written by an earlier stage."""
-    return (record for _, record in read_lines(path))
+    data = read_file(path)
+    view = memoryview(data)
+    return (parse_record(path, view[start:end], number) for start, end, number in spans_of_share(data, 0, len(data)))
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> int:
@@ -140,7 +144,7 @@ def write_records(path: str | Path, records: Iterable[dict]) -> int:
         return write_lines(f, map(orjson.dumps, records))
 
 
-def write_lines(f, lines: Iterable[bytes]) -> int:
+def write_lines(f, lines: Iterable[bytes | memoryview]) -> int:
     """Write lines (each without its newline) to an open binary file, in blocks; returns the count."""
     n, buffer = 0, []
     for line in lines:

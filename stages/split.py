@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import random
+import tempfile
+from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
 import orjson
 
 from stages.common import Params, StageError, load_params, run_stage, write_json
-from stages.records import (in_forked_shares, lines_of_share, no_cycle_collection, parse_record, prompt_key,
-                            read_file, source_label, write_lines_to)
+from stages.records import (Lines, in_forked_shares, no_cycle_collection, parse_record, prompt_key, read_file,
+                            source_label, spans_of_share, write_lines_to)
 
 
 class Mix(Params):
@@ -46,34 +48,61 @@ def field(record: dict, path: str) -> str:
 
 class Rows:
     """What split needs of each cleaned record, one list per fact (row i is line i of the file):
-    the line itself (written out as read), source label, prompt key, near-duplicate group,
-    stratum and the xtuner line. Records are parsed in worker processes, one share each, and
-    only these facts come back."""
+    the line (written out as read), source label, prompt key, near-duplicate group, stratum and
+    the line in xtuner's format. Records are parsed in worker processes, one share of the file
+    each; the lines stay where they are in the file's bytes, xtuner's lines in a part file per
+    worker, and only positions and the short facts come back."""
 
-    def __init__(self, path: str, stratify: str | None):
+    def __init__(self, path: str, stratify: str | None, parts: str):
         data = read_file(path)
 
-        def facts(lo: int, hi: int) -> list[tuple]:
-            out, same = [], {}  # one object per distinct label or stratum: pickled once
-            for line, number in lines_of_share(data, lo, hi):
-                record = parse_record(path, line, number)
-                label = same.setdefault(source_label(record), source_label(record))
-                if record.get("text") is not None:
-                    out.append((label, None, None, None, None))
-                else:
-                    stratum = field(record, stratify) if stratify else ""
-                    out.append((label, prompt_key(record), record.get("group") or None, same.setdefault(stratum, stratum),
-                                orjson.dumps(to_xtuner(record))))
-            return out
+        def facts(lo: int, hi: int) -> tuple[array, array, list[tuple], str, array]:
+            starts, ends, out, same = array("q"), array("q"), [], {}  # same: one object per label or stratum
+            view = memoryview(data)
+            with tempfile.NamedTemporaryFile(dir=parts, delete=False) as xtuner:
+                xtuner_ends, written, block = array("q"), 0, []
+                for start, end, number in spans_of_share(data, lo, hi):
+                    record = parse_record(path, view[start:end], number)
+                    starts.append(start)
+                    ends.append(end)
+                    label = same.setdefault(source_label(record), source_label(record))
+                    if record.get("text") is not None:
+                        out.append((label, None, None, None))
+                        line = b""
+                    else:
+                        stratum = field(record, stratify) if stratify else ""
+                        out.append((label, prompt_key(record), record.get("group") or None,
+                                    same.setdefault(stratum, stratum)))
+                        line = orjson.dumps(to_xtuner(record))
+                    block.append(line)
+                    written += len(line)
+                    xtuner_ends.append(written)
+                    if len(block) >= 4096:
+                        xtuner.write(b"".join(block))
+                        block.clear()
+                xtuner.write(b"".join(block))
+            return starts, ends, out, xtuner.name, xtuner_ends
 
-        rows = [row for share in in_forked_shares(len(data), facts, min_share=8_000_000) for row in share]
-        self.lines = [line for line, _ in lines_of_share(data, 0, len(data))]
-        self.label, self.prompt, self.group, self.stratum, self.xtuner = (list(c) for c in zip(*rows)) if rows else (
-            [], [], [], [], [])
+        shares = in_forked_shares(len(data), facts, min_share=8_000_000)
+        self.lines = Lines(data, (x for share in shares for x in share[0]), (x for share in shares for x in share[1]))
+        rows = [row for share in shares for row in share[2]]
+        self.label, self.prompt, self.group, self.stratum = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
+        # xtuner lines: spans in the concatenation of the workers' part files
+        xtuner = b"".join(Path(share[3]).read_bytes() for share in shares)
+        base, xtuner_starts, xtuner_ends = 0, array("q"), array("q")
+        for share in shares:
+            previous = 0
+            for end in share[4]:
+                xtuner_starts.append(base + previous)
+                xtuner_ends.append(base + end)
+                previous = end
+            base += previous
+        self.xtuner = Lines(xtuner, xtuner_starts, xtuner_ends)
 
     def reason_line(self, i: int, reason: str) -> bytes:
         """Line i with a "reason" key added at the end, as {**record, "reason": reason} would be."""
-        return self.lines[i][:self.lines[i].rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}"
+        line = bytes(self.lines[i])
+        return line[:line.rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}"
 
 
 def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list[int], list[int], dict]:
@@ -159,7 +188,8 @@ def main() -> None:
         raise StageError("params.yaml: split.val_ratio + split.test_ratio must be between 0 and 1")
 
     with no_cycle_collection():
-        rows = Rows(args.records, p.stratify)
+        with tempfile.TemporaryDirectory(prefix="tunepipe-split-") as parts:
+            rows = Rows(args.records, p.stratify, parts)
         corpus = [i for i, prompt in enumerate(rows.prompt) if prompt is None]
         chats = [i for i, prompt in enumerate(rows.prompt) if prompt is not None]
         chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, [], {})
