@@ -103,11 +103,12 @@ def write_jsonl(path: Path, data: list[tuple[str, str, str]]) -> None:
                                   "department": d}) + b"\n")
 
 
-def run_stages(folder: Path, source: dict) -> dict:
+def run_stages(folder: Path, source: dict, near_duplicates: bool = True) -> dict:
     """ingest, clean, split as dvc runs them (`python -m stages.NAME` in a fresh process each, imports
     included); seconds per stage and the last line each printed."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["sources"] = [source]
+    params["clean"]["near_duplicates"]["enabled"] = near_duplicates
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     timings, printed = {}, {}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--jsonl-rows", type=int, default=1_000_000)
     ap.add_argument("--baseline-jsonl-rows", type=int, default=100_000, help="iterrows on 1M rows takes minutes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--without-near-duplicates", action="store_true", help="clean.near_duplicates.enabled: false")
+    ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the benchmark draws its rows from the shared data sets")
@@ -186,14 +189,23 @@ def main() -> None:
               f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
         del data
 
+        figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                   "near_duplicates": not args.without_near_duplicates}
         for name, file, source, target, limit in (
                 ("xlsx", "qa.xlsx", {"path": str(tmp / "qa.xlsx")}, 50_000, None),
                 ("jsonl", "chat.jsonl", {"path": str(tmp / "chat.jsonl")}, 80_000, args.baseline_jsonl_rows)):
             base = baseline(tmp / file, tmp / f"baseline-{name}.jsonl", limit)
             folder = tmp / f"run-{name}"
             folder.mkdir()
-            result = run_stages(folder, source)
-            report(name, result["clean"]["rows_in"], result, base, target)
+            result = run_stages(folder, source, not args.without_near_duplicates)
+            n = result["clean"]["rows_in"]
+            report(name, n, result, base, target)
+            figures[name] = {"rows": n, "seconds": {k: round(v, 2) for k, v in result["seconds"].items()},
+                             "rows_per_s": round(n / sum(result["seconds"].values())), "target_rows_per_s": target,
+                             "baseline_rows_per_s": round(base[0] / base[1]), "clean_printed": result["printed"]["clean"],
+                             "load_average": round(os.getloadavg()[0], 2)}
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -578,3 +578,24 @@ def test_bad_line_in_a_workers_share_is_named(workdir, monkeypatch):
     write_params(workdir, {"ingest": {"sources": [{"path": "data/raw/chat.jsonl"}]}})
     with pytest.raises(StageError, match=r"chat.jsonl: line 401, column 20: invalid JSON"):
         run_data_stages(workdir, monkeypatch, 100)
+
+
+def test_workbook_rows_in_worker_processes(tmp_path, monkeypatch):
+    from openpyxl import Workbook
+
+    outputs = {}
+    for name, min_share in (("one", 10**9), ("workers", 50)):
+        folder = tmp_path / name
+        (folder / "data/raw").mkdir(parents=True)
+        wb = Workbook()
+        wb.active.append(["Question", "Answer", "Dept"])
+        for row in messy_rows(300):
+            wb.active.append([row["conversations"][0]["value"], row["conversations"][1]["value"], row["dept"]])
+        wb.active.append([None, None, None])  # a blank row: counted, not a record
+        wb.save(folder / "data/raw/qa.xlsx")
+        write_params(folder, {"ingest": {"sources": [{"path": "data/raw/qa.xlsx"}]}})
+        outputs[name] = run_data_stages(folder, monkeypatch, min_share)
+    assert outputs["one"].pop("shares") == [1, 1, 1] and outputs["workers"].pop("shares") == [2, 2, 2]
+    assert outputs["one"] == outputs["workers"]
+    ingest = json.loads(outputs["one"]["metrics/ingest.json"])
+    assert ingest["sources"]["data/raw/qa.xlsx"]["rows"] == 300 and ingest["sources"]["data/raw/qa.xlsx"]["blank_rows"] == 1
