@@ -15,6 +15,9 @@ its reason, so rows in = kept + rejected, in total and for each source. In order
   6. an optional LLM judge through any OpenAI-compatible endpoint, cached by content hash
 The data card: metrics (counts by source and reason, fixes, redactions, lengths) and
 plots/lengths.csv (a histogram of prompt and answer lengths in characters).
+Steps 1-2 and the MinHash signatures go record by record (first_pass): on a large file, one
+worker process per core does a share of the lines; steps 3-6 (decide) need all rows and run once,
+on what first_pass found. Records written unchanged are the bytes that were read.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ near-duplicates stay in one part, so the test set never scores a question the mo
 on; the leakage count is a metric and must be 0. Optionally stratified by a field (e.g.
 meta.question_type), each stratum split by the same ratios. Continued-pretraining text chunks go
 to corpus.jsonl. Every record in is in exactly one output: train, val, test, corpus or mixed_out.
+Records are written as the bytes clean wrote; a large file is parsed by one worker per core.
 """
 from __future__ import annotations
 
