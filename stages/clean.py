@@ -40,7 +40,7 @@ import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.records import (Lines, answer_text, in_forked_shares, no_cycle_collection, parse_record, prompt_key,
-                             read_file, record_id, source_label, spans_of_share, write_lines_to, write_records)
+                             read_file, record_id, shown, source_label, spans_of_share, write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -794,8 +794,8 @@ def main() -> None:
 
         def share(lo: int, hi: int) -> tuple[array, array, list[tuple], np.ndarray | None, Counter, Counter]:
             spans, view = list(spans_of_share(data, lo, hi)), memoryview(data)
-            passed, sigs, fixes, redactions = first_pass(
-                (parse_record(args.records, view[start:end], n) for start, end, n in spans), p)
+            passed, sigs, fixes, redactions = first_pass((parse_record(args.records, view[start:end], n)
+                                                          for start, end, n in shown(spans, lo, hi, "clean")), p)
             # positions of the lines, and a fixed record as its new JSON line
             return (array("q", [start for start, _, _ in spans]), array("q", [end for _, end, _ in spans]),
                     [(orjson.dumps(f) if f is not None else None, *rest) for f, *rest in passed], sigs, fixes, redactions)

@@ -789,8 +789,14 @@ def main() -> None:
             def convert_share(lo: int, hi: int) -> tuple[str, dict]:
                 """Convert rows lo..hi into a part file of the output; its path and the counts."""
                 counts: dict = {}
+                records = source_records.share(lo, hi, counts)
+                if lo == 0:  # a progress bar (on a terminal) for the share this process converts itself
+                    from tqdm import tqdm
+
+                    records = tqdm(records, desc=f"ingest {src.path} (first share)", unit=" rows", disable=None,
+                                   leave=False, mininterval=0.5)
                 with tempfile.NamedTemporaryFile(dir=parts_dir, delete=False) as part:
-                    write_lines(part, map(orjson.dumps, source_records.share(lo, hi, counts)))
+                    write_lines(part, map(orjson.dumps, records))
                 return part.name, counts
 
             # a large source is converted on every core: each worker parses and maps its share

@@ -117,6 +117,25 @@ def spans_of_share(data: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, in
         pos, number = end + 1, number + 1
 
 
+def shown(spans: Iterable[tuple[int, int, int]], lo: int, hi: int, what: str) -> Iterator[tuple[int, int, int]]:
+    """spans_of_share's spans with a progress bar in bytes, on a terminal, for the first share
+    (the one the parent process works on; the other workers keep the same pace)."""
+    if lo != 0:
+        yield from spans
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=hi - lo, unit="B", unit_scale=True, desc=f"{what} (first of {cores()} shares)",
+              disable=None, leave=False, mininterval=0.5) as bar:
+        done = 0
+        for n, span in enumerate(spans):
+            if n % 4096 == 0:
+                bar.update(span[0] - done)
+                done = span[0]
+            yield span
+        bar.update(hi - done)
+
+
 class Lines:
     """Lines of a file's bytes by their spans: line i is data[starts[i]:ends[i]]."""
 

@@ -22,7 +22,7 @@ import orjson
 
 from stages.common import Params, StageError, load_params, run_stage, write_json
 from stages.records import (Lines, in_forked_shares, no_cycle_collection, parse_record, prompt_key, read_file,
-                            source_label, spans_of_share, write_lines_to)
+                            shown, source_label, spans_of_share, write_lines_to)
 
 
 class Mix(Params):
@@ -62,7 +62,7 @@ class Rows:
             view = memoryview(data)
             with tempfile.NamedTemporaryFile(dir=parts, delete=False) as xtuner:
                 xtuner_ends, written, block = array("q"), 0, []
-                for start, end, number in spans_of_share(data, lo, hi):
+                for start, end, number in shown(spans_of_share(data, lo, hi), lo, hi, "split"):
                     record = parse_record(path, view[start:end], number)
                     starts.append(start)
                     ends.append(end)
