@@ -40,7 +40,8 @@ import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.records import (Lines, answer_text, in_forked_shares, no_cycle_collection, parse_record, prompt_key,
-                             read_file, record_id, shown, source_label, spans_of_share, write_lines_to, write_records)
+                             read_file, record_id, shown, source_label, spans_of_share, with_keys, write_lines_to,
+                             write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -113,7 +114,7 @@ KEEP = "".join(chr(c) for c in [*range(0xFF01, 0xFF10), *range(0xFF1A, 0xFF21), 
                                 *range(0x3251, 0x3260), *range(0x32B1, 0x32C0)])
 
 
-@functools.cache  # a scan of the whole BMP (~0.4 s): once per process, before workers fork
+@functools.cache  # a scan of the whole BMP: once per process, not once per TextFixer
 def compat_chars(keep: str) -> str:
     """The characters that NFKC changes (BMP), except those in `keep`, as a regex class body."""
     chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000 and chr(c) not in keep
@@ -595,7 +596,8 @@ def first_pass(records: Iterable[dict], p: CleanParams) -> tuple[list[tuple], np
     for record in records:
         fixed = fixer.record(record)
         reason = check(fixed, p, placeholders, include, exclude)
-        label = same.setdefault(source_label(record), source_label(record))
+        label = source_label(record)
+        label = same.setdefault(label, label)
         if reason is not None:
             out.append((fixed if fixed is not record else None, reason, label, None))
             texts.append("")
@@ -703,8 +705,7 @@ def decide(passed: list[tuple], sigs: np.ndarray | None, p: CleanParams, record_
         scores = judge_scores([record_of(i) for i in kept], p.judge, judge_cache, judge_stats)
         for i, score in zip(kept, scores):
             added[i] = {**added.get(i, {}), "judge_score": score}
-        drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores],
-             [{} for _ in scores])
+        drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores])
     if judge_cache is not None and not judge_cache.exists():  # a DVC out: there even when the judge is off
         with atomic_path(judge_cache) as tmp:
             tmp.write_bytes(b"")
@@ -766,15 +767,6 @@ def summary(values: list[int]) -> dict:
     return {"p50": ordered[len(ordered) // 2], "p90": ordered[int(len(ordered) * 0.9)], "max": ordered[-1]}
 
 
-def with_keys(line: bytes | memoryview, keys: dict | None) -> bytes | memoryview:
-    """A record's JSON line with keys added at the end, as {**record, **keys} would be encoded
-    (the keys are ones clean adds, which no record has yet)."""
-    if not keys:
-        return line
-    line = bytes(line)
-    return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", default="data/ingested/records.jsonl")
@@ -790,7 +782,6 @@ def main() -> None:
     with no_cycle_collection():
         clock = time.perf_counter()
         data = read_file(args.records)
-        TextFixer(p)  # its regexes are built here, once, not in each worker
 
         def share(lo: int, hi: int) -> tuple[array, array, list[tuple], np.ndarray | None, Counter, Counter]:
             spans, view = list(spans_of_share(data, lo, hi)), memoryview(data)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal
 import orjson
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import append_file, in_forked_shares, line_start, no_cycle_collection, record_id, write_lines
+from stages.records import append_file, in_forked_shares, no_cycle_collection, record_id, spans_of_share, write_lines
 
 FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
 CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
@@ -259,33 +259,28 @@ def read_json(src: Source, info: dict) -> tuple[str, list[tuple[int, Any]], Call
 
 
 class JsonLines:
-    """A UTF-8 JSON-lines file as rows (line number, line), in shares of bytes rather than lines:
-    a worker process decodes, splits and parses its own share of the file (this process never
-    splits all of it: objects it made, touched by the workers, would be copied page by page).
-    share lo..hi holds the lines that start at a byte in lo..hi."""
+    """A UTF-8 JSON-lines file as rows (line number, span of the line in the file's bytes), in
+    shares of bytes rather than lines: a worker process parses its own share straight from the
+    bytes (this process never splits all of it: objects it made, touched by the workers, would
+    be copied page by page). share lo..hi holds the lines that start at a byte in lo..hi."""
 
     min_share = 8_000_000  # bytes: a file under 16 MB is not worth a second process
 
-    def __init__(self, path: str, data: bytes, first: tuple[int, bytes]):
-        self.path, self.data, self.first_line = path, data, first
+    def __init__(self, path: str, data: bytes, first: tuple[int, int, int]):
+        self.path, self.data, self.view, self.first_span = path, data, memoryview(data), first
 
     @classmethod
     def of(cls, path: str, data: bytes) -> JsonLines | None:
-        """The file as JSON lines if it plainly is (two or more lines, the first one JSON);
-        None for anything read_json must look at as a whole."""
-        if data.lstrip()[:1] == b"[":
-            return None
-        firsts, pos, number = [], 0, 1
-        while len(firsts) < 2 and pos < len(data):
-            end = data.find(b"\n", pos)
-            end = len(data) if end < 0 else end
-            if data[pos:end].strip():
-                firsts.append((number, data[pos:end]))
-            pos, number = end + 1, number + 1
+        """The file as JSON lines if it plainly is (two or more lines, the first one JSON and no
+        array); None for anything read_json must look at as a whole."""
+        firsts = list(itertools.islice(spans_of_share(data, 0, len(data)), 2))
         if len(firsts) < 2:
             return None
+        first_line = data[firsts[0][0]:firsts[0][1]]
+        if first_line.lstrip()[:1] == b"[":
+            return None
         try:
-            orjson.loads(firsts[0][1])
+            orjson.loads(first_line)
         except orjson.JSONDecodeError:
             return None
         return cls(path, data, firsts[0])
@@ -293,28 +288,24 @@ class JsonLines:
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, share: slice) -> Iterator[tuple[int, bytes]]:
-        begin, end = line_start(self.data, share.start), line_start(self.data, min(share.stop, len(self.data)))
-        number = self.data.count(b"\n", 0, begin) + 1
-        for line in self.data[begin:end].split(b"\n"):
-            if line.strip():
-                yield number, line
-            number += 1
+    def __getitem__(self, share: slice) -> Iterator[tuple[int, tuple[int, int]]]:
+        return ((number, (start, end)) for start, end, number in spans_of_share(self.data, share.start, share.stop))
 
-    def parse(self, number: int, line: bytes) -> Any:
+    def parse(self, number: int, span: tuple[int, int]) -> Any:
+        start, end = span
         try:
-            return orjson.loads(line)  # bytes: orjson checks the UTF-8 as it parses
+            return orjson.loads(self.view[start:end])  # orjson checks the UTF-8 as it parses
         except orjson.JSONDecodeError as e:
             try:
-                line.decode("utf-8")
+                self.data[start:end].decode("utf-8")
             except UnicodeDecodeError as bad:
-                start = self.data.find(line) + bad.start  # where in the file, for the message
                 raise undecodable(self.path, self.data, UnicodeDecodeError(
-                    "utf-8", self.data, start, start + 1, bad.reason), "utf-8") from None
+                    "utf-8", self.data, start + bad.start, start + bad.end, bad.reason), "utf-8") from None
             raise StageError(f"{self.path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
 
-    def first(self) -> tuple[int, bytes]:
-        return self.first_line
+    def first(self) -> tuple[int, tuple[int, int]]:
+        start, end, number = self.first_span
+        return number, (start, end)
 
 
 def table_row(header: list[str], number: int, values: list) -> dict:

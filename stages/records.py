@@ -140,7 +140,7 @@ class Lines:
     """Lines of a file's bytes by their spans: line i is data[starts[i]:ends[i]]."""
 
     def __init__(self, data: bytes, starts: Iterable[int], ends: Iterable[int]):
-        self.data, self.view = data, memoryview(data)
+        self.view = memoryview(data)
         self.starts, self.ends = array("q", starts), array("q", ends)
 
     def __len__(self) -> int:
@@ -159,8 +159,16 @@ def read_records(path: str | Path) -> Iterator[dict]:
 
 def write_records(path: str | Path, records: Iterable[dict]) -> int:
     """Write JSON lines atomically (a killed stage leaves no half-written file); returns the count."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        return write_lines(f, map(orjson.dumps, records))
+    return write_lines_to(path, map(orjson.dumps, records))
+
+
+def with_keys(line: bytes | memoryview, keys: dict | None) -> bytes | memoryview:
+    """A record's JSON line with keys added at the end, as {**record, **keys} would be encoded
+    (keys a stage adds, such as "reason", which the record does not have yet)."""
+    if not keys:
+        return line
+    line = bytes(line)
+    return line[:line.rindex(b"}")] + b"," + orjson.dumps(keys)[1:]
 
 
 def write_lines(f, lines: Iterable[bytes | memoryview]) -> int:
@@ -177,7 +185,7 @@ def write_lines(f, lines: Iterable[bytes | memoryview]) -> int:
     return n + len(buffer)
 
 
-def write_lines_to(path: str | Path, lines: Iterable[bytes]) -> int:
+def write_lines_to(path: str | Path, lines: Iterable[bytes | memoryview]) -> int:
     """write_lines into a new file at path, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         return write_lines(f, lines)

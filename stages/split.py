@@ -22,7 +22,7 @@ import orjson
 
 from stages.common import Params, StageError, load_params, run_stage, write_json
 from stages.records import (Lines, in_forked_shares, no_cycle_collection, parse_record, prompt_key, read_file,
-                            shown, source_label, spans_of_share, write_lines_to)
+                            shown, source_label, spans_of_share, with_keys, write_lines_to)
 
 
 class Mix(Params):
@@ -59,51 +59,34 @@ class Rows:
 
         def facts(lo: int, hi: int) -> tuple[array, array, list[tuple], str, array]:
             starts, ends, out, same = array("q"), array("q"), [], {}  # same: one object per label or stratum
-            view = memoryview(data)
+            view, xtuner_ends = memoryview(data), array("q")
             with tempfile.NamedTemporaryFile(dir=parts, delete=False) as xtuner:
-                xtuner_ends, written, block = array("q"), 0, []
                 for start, end, number in shown(spans_of_share(data, lo, hi), lo, hi, "split"):
                     record = parse_record(path, view[start:end], number)
                     starts.append(start)
                     ends.append(end)
-                    label = same.setdefault(source_label(record), source_label(record))
+                    label = source_label(record)
+                    label = same.setdefault(label, label)
                     if record.get("text") is not None:
                         out.append((label, None, None, None))
-                        line = b""
                     else:
                         stratum = field(record, stratify) if stratify else ""
                         out.append((label, prompt_key(record), record.get("group") or None,
                                     same.setdefault(stratum, stratum)))
-                        line = orjson.dumps(to_xtuner(record))
-                    block.append(line)
-                    written += len(line)
-                    xtuner_ends.append(written)
-                    if len(block) >= 4096:
-                        xtuner.write(b"".join(block))
-                        block.clear()
-                xtuner.write(b"".join(block))
+                        xtuner.write(orjson.dumps(to_xtuner(record)))
+                    xtuner_ends.append(xtuner.tell())  # a text chunk has no xtuner line: an empty span
             return starts, ends, out, xtuner.name, xtuner_ends
 
         shares = in_forked_shares(len(data), facts, min_share=8_000_000)
         self.lines = Lines(data, (x for share in shares for x in share[0]), (x for share in shares for x in share[1]))
         rows = [row for share in shares for row in share[2]]
         self.label, self.prompt, self.group, self.stratum = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
-        # xtuner lines: spans in the concatenation of the workers' part files
-        xtuner = b"".join(Path(share[3]).read_bytes() for share in shares)
-        base, xtuner_starts, xtuner_ends = 0, array("q"), array("q")
-        for share in shares:
-            previous = 0
-            for end in share[4]:
-                xtuner_starts.append(base + previous)
-                xtuner_ends.append(base + end)
-                previous = end
-            base += previous
-        self.xtuner = Lines(xtuner, xtuner_starts, xtuner_ends)
-
-    def reason_line(self, i: int, reason: str) -> bytes:
-        """Line i with a "reason" key added at the end, as {**record, "reason": reason} would be."""
-        line = bytes(self.lines[i])
-        return line[:line.rindex(b"}")] + b',"reason":' + orjson.dumps(reason) + b"}"
+        # xtuner lines: spans in the workers' part files, one after the other
+        parts_read = [Path(share[3]).read_bytes() for share in shares]
+        offsets = [sum(map(len, parts_read[:k])) for k in range(len(shares))]
+        xtuner_ends = array("q", (offset + end for offset, share in zip(offsets, shares) for end in share[4]))
+        xtuner_starts = array("q", [0]) + xtuner_ends[:-1] if xtuner_ends else array("q")
+        self.xtuner = Lines(b"".join(parts_read), xtuner_starts, xtuner_ends)
 
 
 def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list[int], list[int], dict]:
@@ -219,7 +202,7 @@ def main() -> None:
         for name, members in splits.items():
             write_lines_to(out / f"{name}.jsonl", (rows.lines[i] for i in members))
         write_lines_to(out / "corpus.jsonl", (rows.lines[i] for i in corpus))
-        write_lines_to(out / "mixed_out.jsonl", (rows.reason_line(i, "mixed_out") for i in mixed_out))
+        write_lines_to(out / "mixed_out.jsonl", (with_keys(rows.lines[i], {"reason": "mixed_out"}) for i in mixed_out))
         for name in ("train", "val"):  # xtuner's own format
             write_lines_to(out / "xtuner" / f"{name}.jsonl", (rows.xtuner[i] for i in splits[name]))
 
