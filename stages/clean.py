@@ -29,19 +29,22 @@ import html
 import os
 import re
 import unicodedata
-from array import array
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Literal
 
+import numba
 import numpy as np
 import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import (Lines, answer_text, in_forked_shares, no_cycle_collection, parse_record, prompt_key,
-                             read_file, record_id, shown, source_label, spans_of_share, with_keys, write_lines_to,
-                             write_records)
+from stages.records import (answer_text, parse_record, prompt_key, read_file, record_id, spans_of_share, with_keys,
+                            write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
 # params
@@ -165,6 +168,12 @@ def luhn_ok(number: str) -> bool:
     return sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2) for i, d in enumerate(digits)) % 10 == 0
 
 
+def odd_chars(p: CleanParams) -> str:
+    """A regex class body: the characters mojibake, NFKC or odd whitespace would start with."""
+    odd = ("\u00c2-\u00f4" if p.fix_mojibake else "") + (WS_ODD_CHARS if p.collapse_whitespace else "")
+    return odd + (compat_chars(KEEP if p.keep_cjk_punctuation else "") if p.normalize_unicode else "")
+
+
 class TextFixer:
     """The text fixes of step 1, configured once; counts what each one changed."""
 
@@ -175,11 +184,9 @@ class TextFixer:
         self.redactions: Counter = Counter()
         kinds = [k for k in PII_PATTERNS if k in p.pii.kinds] if p.pii.enabled else []
         self.pii = re.compile("|".join(f"(?P<{k}>{PII_PATTERNS[k][0]})" for k in kinds)) if kinds else None
-        # One scan for a character that mojibake, NFKC or odd whitespace would start with (almost
-        # all text has none): one regex pass instead of three, and the rules' own checks only if needed
-        odd = ("\u00c2-\u00f4" if p.fix_mojibake else "") + (WS_ODD_CHARS if p.collapse_whitespace else "")
-        odd += compat_chars(KEEP if p.keep_cjk_punctuation else "") if p.normalize_unicode else ""
-        self.odd = re.compile(f"[{odd}]") if odd else None
+        # One scan for a character that mojibake, NFKC or odd whitespace would start with: one
+        # regex pass instead of three, and the rules' own checks only if needed
+        self.odd = re.compile(f"[{odd}]") if (odd := odd_chars(p)) else None
 
     def text(self, text: str) -> str:
         p, before = self.p, text
@@ -260,85 +267,185 @@ class TextFixer:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. per-row checks
+# 2. per-row checks and the facts later steps need: column expressions (polars) over all rows
 # ----------------------------------------------------------------------------------------------
-def keyword_pattern(words: list[str]) -> re.Pattern | None:
-    return re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))), re.I) if words else None
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# What clean reads of a canonical record; other keys (meta, tools, tool_calls, ...) pass through
+# in the line's bytes, and rows with tools are parsed (their tools are part of the duplicate key)
+RECORD_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.struct([("file", pa.string()), ("sheet", pa.string())])),
+                           ("messages", pa.list_(MESSAGE)), ("text", pa.string()), ("rejected", MESSAGE)])
+PII_TAGS = ["[PHONE]", "[ID_CARD]", "[EMAIL]", "[BANK_CARD]"]
 
 
-class Placeholders:
-    """The placeholder texts; `text in placeholders` compares a text as placeholder() normalises it."""
-
-    def __init__(self, texts: Iterable[str]):
-        self.texts = {placeholder(t) for t in texts}
-        self.longest = max(map(len, self.texts), default=-1)
-
-    def __contains__(self, text: str) -> bool:
-        core = text.strip().rstrip(".。!！ ")
-        # casefold never shortens a string: a text longer than every placeholder is none of them,
-        # and long answers are not case-folded for nothing
-        return len(core) <= self.longest and core.casefold() in self.texts
-
-
-def check(record: dict, p: CleanParams, placeholders: Placeholders, include, exclude) -> str | None:
-    """Why a fixed record is unusable, or None if it is fine."""
-    text = record.get("text")
-    contents = [text] if text is not None else [m["content"] for m in record["messages"]]
-    if record.get("rejected") is not None:
-        contents.append(record["rejected"]["content"])
-    if p.replacement_char == "reject" and BROKEN.search("\n".join(contents)):  # no pattern spans a line break
-        return "replacement_char"
-    if p.pii.enabled and p.pii.action == "reject" and any(tag in c for c in contents
-                                                          for tag in ("[PHONE]", "[ID_CARD]", "[EMAIL]", "[BANK_CARD]")):
-        return "pii"
-    if text is not None:
-        if not text.strip():
-            return "empty_text"
-    else:
-        roles = [m["role"] for m in record["messages"]]
-        if "user" not in roles or roles[-1] != "assistant":
-            return "no_user_assistant_pair"
-        if any(not m["content"] for m in record["messages"] if m["role"] in ("user", "assistant")):
-            return "empty_turn"
-        if record.get("rejected") is not None and not record["rejected"]["content"]:
-            return "empty_turn"
-        if record["messages"][-1]["content"] in placeholders:
-            return "placeholder_answer"
-        if p.placeholder_questions and any(m["content"] in placeholders
-                                           for m in record["messages"] if m["role"] == "user"):
-            return "placeholder_question"
-        if record.get("rejected") is not None and record["rejected"]["content"] == record["messages"][-1]["content"]:
-            return "identical_pair"
-    chars = sum(map(len, contents))
-    if chars < p.min_chars:
-        return "too_short"
-    if p.max_chars is not None and chars > p.max_chars:
-        return "too_long"
-    if text is None and len(record["messages"][-1]["content"]) < p.min_answer_chars:
-        return "answer_too_short"
-    if exclude is not None and any(exclude.search(c) for c in contents):
-        return "excluded_keyword"
-    if include is not None and not any(include.search(c) for c in contents):
-        return "off_domain"
-    return None
+@functools.cache
+def maybe_not_nfc_chars() -> str:
+    """BMP characters without which a text is NFC already: combining marks, characters NFC
+    replaces, and the later characters of canonical decompositions (Hangul vowels among them)."""
+    chars = set()
+    for c in range(0x10000):
+        if 0xD800 <= c < 0xE000:
+            continue
+        ch = chr(c)
+        if unicodedata.combining(ch) or unicodedata.normalize("NFC", ch) != ch:
+            chars.add(ch)
+        chars.update(unicodedata.normalize("NFD", ch)[1:])
+    return "".join(re.escape(c) for c in sorted(chars))
 
 
-def duplicate_key(record: dict) -> bytes:
-    """Exact duplicates: the same roles and case-folded texts (after the fixes)."""
-    body = [[m["role"], m["content"].casefold()] for m in record["messages"]]
-    body.append([record.get("text", "").casefold() if record.get("text") else None, record.get("tools"),
-                 (record.get("rejected") or {}).get("content")])
-    return hashlib.blake2b(orjson.dumps(body), digest_size=16).digest()
+def may_need_fixing(p: CleanParams) -> str | None:
+    """A regex (polars syntax) matching every text TextFixer.text might change. Texts it does not
+    match (almost all) skip the Python fixes; tests/test_data_stages.py checks the promise."""
+    parts = [f"[{odd}]"] if (odd := odd_chars(p)) else []
+    if p.normalize_unicode:
+        parts.append(f"[{maybe_not_nfc_chars()}\U00010000-\U0010FFFF]")
+    if p.strip_html:
+        parts.append("[<&]")
+    if p.replacement_char == "strip":
+        parts.append("\ufffd")
+    if p.collapse_whitespace:
+        parts += ["  ", " \n", "\n ", "\n\n\n", r"^\s", r"\s$"]
+    if p.strip_leading_punctuation:
+        parts.append("^[，,。.、；;：:？?）) ]")
+    if p.pii.enabled and p.pii.kinds:
+        parts += ["@", PII_HINT.pattern]
+    return "|".join(parts) or None
 
 
 def placeholder(text: str) -> str:
     return text.strip().rstrip(".。!！ ").casefold()
 
 
+def placeholder_regex(texts: Iterable[str]) -> str | None:
+    """A regex (polars syntax) for texts that placeholder() maps to one of `texts`."""
+    alternatives = "|".join("".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in t) for t in texts if t)
+    return f"^\\s*(?i:{alternatives})[.。!！ ]*\\s*$" if alternatives else None
+
+
+@functools.cache
+def cased_beyond_ascii() -> str:
+    """A regex class (polars syntax) of the characters beyond ASCII that case folding may change."""
+    chars = [c for c in range(128, 0x10000) if not 0xD800 <= c < 0xE000 and chr(c).casefold() != chr(c)]
+    ranges, lo, prev = [], chars[0], chars[0]
+    for c in chars[1:]:
+        if c > prev + 64:  # a few uncased characters inside a range cost nothing
+            ranges.append((lo, prev))
+            lo = c
+        prev = c
+    ranges.append((lo, prev))
+    return "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "\\x{10000}-\\x{10ffff}]"
+
+
+def case_folded(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Lower-cased texts (case folding for duplicate and question keys): ASCII's fast path, and the
+    Unicode one for the few texts with another cased letter (a fifth of the time on Chinese text)."""
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    folded = pc.ascii_lower(texts)
+    other = pc.fill_null(pc.match_substring_regex(texts, cased_beyond_ascii()), False)
+    if pc.any(other).as_py():
+        folded = pc.replace_with_mask(folded, other, pc.utf8_lower(pc.filter(texts, other)))
+    return folded
+
+
+def with_folded(table: pa.Table) -> pa.Table:
+    """The table with each text's case-folded copy beside it: messages[].folded, text_folded."""
+    messages = table["messages"].combine_chunks()
+    if isinstance(messages, pa.ChunkedArray):  # an empty table
+        messages = pa.array([], pa.list_(MESSAGE))
+    flat = messages.flatten()
+    with_copy = pa.StructArray.from_arrays([flat.field("role"), flat.field("content"), case_folded(flat.field("content"))],
+                                           names=["role", "content", "folded"])
+    messages = pa.ListArray.from_arrays(messages.offsets, with_copy, mask=messages.is_null())
+    table = table.set_column(table.schema.get_field_index("messages"), "messages", messages)
+    return table.append_column("text_folded", case_folded(table["text"]))
+
+
+def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
+    """The reason each (fixed) record is unusable, or null, and the facts later steps need: source
+    label, duplicate key, conflict key (system prompt and question), answer key, prompt and answer
+    lengths in characters, and the texts near-duplicates and tokens are measured on."""
+    E = pl.element()
+    role, content, folded = E.struct.field("role"), E.struct.field("content"), E.struct.field("folded")
+    msgs, text, text_folded, tools = pl.col("messages"), pl.col("text"), pl.col("text_folded"), pl.col("tools_json")
+    rejected = pl.col("rejected").struct.field("content")
+    is_text = text.is_not_null()
+    chat = ~is_text
+    last = msgs.list.last()
+    last_content = last.struct.field("content")
+    users = msgs.list.eval(E.filter(role == "user").struct.field("content"))
+
+    def any_content(test) -> pl.Expr:
+        """test(texts) for any of the texts the checks look at: the chunk or every turn, and the rejected answer."""
+        on_record = pl.when(is_text).then(test(text)).otherwise(msgs.list.eval(test(content)).list.any())
+        return on_record.fill_null(False) | test(rejected).fill_null(False)
+
+    def words(keywords: list[str]):  # re.IGNORECASE's matching, as lower case on both sides
+        return lambda s: s.str.to_lowercase().str.contains_any([k.lower() for k in keywords])
+
+    fixer = TextFixer(p)
+    placeholders = placeholder_regex(sorted({placeholder(fixer.text(t)) for t in p.placeholder_answers}))
+    chars = (pl.when(is_text).then(text.str.len_chars()).otherwise(msgs.list.eval(content.str.len_chars()).list.sum())
+             + rejected.str.len_chars().fill_null(0))
+    rules = []  # (reason, condition), in the order they are checked: a row gets the first that holds
+    if p.replacement_char == "reject":
+        rules.append(("replacement_char", any_content(lambda s: s.str.contains(BROKEN.pattern))))
+    if p.pii.enabled and p.pii.action == "reject":
+        rules.append(("pii", any_content(lambda s: s.str.contains_any(PII_TAGS))))
+    rules += [
+        ("empty_text", is_text & (text.str.strip_chars() == "")),
+        ("no_user_assistant_pair", chat & (~msgs.list.eval(role).list.contains("user")
+                                           | (last.struct.field("role") != "assistant").fill_null(True))),
+        ("empty_turn", chat & (msgs.list.eval(role.is_in(["user", "assistant"]) & (content == "")).list.any()
+                               | (rejected == "").fill_null(False))),
+        ]
+    if placeholders is not None:
+        rules.append(("placeholder_answer", chat & last_content.str.contains(placeholders)))
+        if p.placeholder_questions:
+            rules.append(("placeholder_question", chat & msgs.list.eval(
+                (role == "user") & content.str.contains(placeholders)).list.any()))
+    rules += [("identical_pair", chat & (rejected == last_content).fill_null(False)),
+              ("too_short", chars < p.min_chars)]
+    if p.max_chars is not None:
+        rules.append(("too_long", chars > p.max_chars))
+    rules.append(("answer_too_short", chat & (last_content.str.len_chars() < p.min_answer_chars)))
+    if p.exclude_keywords:
+        rules.append(("excluded_keyword", any_content(words(p.exclude_keywords))))
+    if p.include_keywords:
+        rules.append(("off_domain", ~any_content(words(p.include_keywords))))
+    reason = pl.lit(None, dtype=pl.String)
+    for name, condition in reversed(rules):
+        reason = pl.when(condition.fill_null(False)).then(pl.lit(name)).otherwise(reason)
+
+    file, sheet = pl.col("source").struct.field("file"), pl.col("source").struct.field("sheet")
+    prompt = pl.when(is_text).then("\x00text\x00" + text_folded).otherwise(  # records.prompt_key
+        msgs.list.eval(E.filter(role == "user").struct.field("folded")).list.join("\n"))
+    answer = pl.when(is_text).then(text).otherwise(last_content)  # what passes ends with the answer
+    answer_folded = pl.when(is_text).then(text_folded).otherwise(last.struct.field("folded"))
+    system = msgs.list.eval(E.filter(role == "system").struct.field("content")).list.first().fill_null("")
+    columns = [
+        "row", "id", reason.alias("reason"),
+        pl.when(sheet.is_not_null()).then(file + "#" + sheet).otherwise(file).alias("label"),
+        # exact duplicates: the same roles and lower-cased texts, tools and rejected answer
+        pl.concat_str([msgs.list.eval(role + "\x1f" + folded).list.join("\x1e"),
+                       text_folded.fill_null("\x00"), tools.fill_null("\x00"), rejected.fill_null("\x00")],
+                      separator="\x1d").hash().alias("duplicate_key"),
+        # the same system prompt and question with other answers (chats without a rejected answer)
+        pl.when(chat & rejected.is_null()).then((system + "\x00" + prompt).hash()).alias("conflict_key"),
+        answer_folded.hash().alias("answer_key"),
+        users.list.eval(E.str.len_chars()).list.sum().fill_null(0).alias("prompt_chars"),
+        answer.str.len_chars().fill_null(0).alias("answer_chars")]
+    if p.near_duplicates.enabled:  # what near-duplicates compare (the chunk; the question and answer)
+        columns.append(pl.when(is_text).then(text).otherwise(prompt + "\n" + answer_folded)
+                       .alias("near_duplicate_text"))
+    if p.min_tokens > 0 or p.max_tokens is not None:
+        columns.append(pl.when(is_text).then(text).otherwise(msgs.list.eval(content).list.join("\n"))
+                       .alias("token_text"))
+    return frame.select(columns)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3-4. tokens; near-duplicates
 # ----------------------------------------------------------------------------------------------
-def token_counts(records: list[dict], tokenizer_dir: str) -> list[int]:
+def token_counts(texts: list[str], tokenizer_dir: str) -> list[int]:
     from transformers import AutoTokenizer
 
     from stages.common import resolve_base
@@ -348,43 +455,71 @@ def token_counts(records: list[dict], tokenizer_dir: str) -> list[int]:
                          "clean.min_tokens: 0 and clean.max_tokens: null")
     path, revision = resolve_base(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    texts = [r["text"] if r.get("text") is not None else "\n".join(m["content"] for m in r["messages"]) for r in records]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def near_duplicate_text(record: dict, prompt: str | None = None) -> str:
-    """What near-duplicates compare; `prompt`: the record's prompt_key, where already at hand."""
-    if record.get("text") is not None:
-        return record["text"]
-    return (prompt_key(record) if prompt is None else prompt) + "\n" + answer_text(record).casefold()
 
-
-def minhash_signatures(texts: list[str], ngram: int, num_perm: int, seed: int, batch: int = 1000) -> np.ndarray:
-    """MinHash signatures of the character n-gram sets of `texts`, computed for many texts at once
-    with numpy. Exactly datasketch's MinHash(num_perm, seed, scheme="affine32") fed the n-grams with
-    `ngram_hash32` as hash function (tests/test_data_stages.py checks), only ~100x faster: n-gram
-    hashes are a rolling polynomial over the code points of all texts of a batch."""
+def minhash_signatures(texts: list[str] | pa.Array, ngram: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures of the character n-gram sets of `texts`. Exactly datasketch's
+    MinHash(num_perm, seed, scheme="affine32") fed the n-grams with `ngram_hash32` as hash function
+    (tests/test_data_stages.py checks), computed by a compiled loop (numba) over the texts' UTF-8
+    bytes in Arrow's buffers, one text per thread at a time: ~1 us a text instead of ~15 with numpy."""
+    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    out = np.full((len(array), num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
     a, b = minhash_permutations(num_perm, seed)
-    from datasketch.minhash import _fmix
-
-    out = np.full((len(texts), num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
-    for start in range(0, len(texts), batch):
-        chunk = texts[start:start + batch]
-        hashes, counts = batch_ngram_hashes(chunk, ngram)
-        hv = _fmix((hashes >> np.uint64(32)).astype(np.uint32), 32)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        nonempty = counts > 0
-        sig = out[start:start + len(chunk)]
-        if hv.size:
-            permuted, first = np.empty_like(hv), offsets[nonempty]
-            for j in range(num_perm):  # in place: no temporary arrays per permutation
-                np.multiply(hv, a[j], out=permuted)
-                permuted += b[j]
-                sig[nonempty, j] = np.minimum.reduceat(permuted, first)
+    if len(array):
+        signatures_into(data, offsets, ngram, a, b, out)
     return out
 
 
-@functools.cache
+@numba.njit(parallel=True, cache=True, nogil=True)
+def signatures_into(data, offsets, ngram, a, b, out):  # pragma: no cover (compiled)
+    """out[row] = min over the row's n-grams of a * fmix32(hash >> 32) + b (mod 2^32), where hash is
+    ngram_hash64: the polynomial rolling hash of the n-gram's code points (the whole text if shorter)."""
+    P = np.uint64(0x100000001B3)
+    P_ngram = np.uint64(1)
+    for _ in range(ngram):
+        P_ngram = P_ngram * P
+    for row in numba.prange(offsets.shape[0] - 1):
+        window = np.zeros(ngram, dtype=np.uint64)
+        h, count, i, end, sig = np.uint64(0), 0, offsets[row], offsets[row + 1], out[row]
+        while i < end:  # decode one UTF-8 code point
+            lead = np.uint64(data[i])
+            if lead < 0x80:
+                code, size = lead, 1
+            elif lead < 0xE0:
+                code, size = lead & np.uint64(0x1F), 2
+            elif lead < 0xF0:
+                code, size = lead & np.uint64(0x0F), 3
+            else:
+                code, size = lead & np.uint64(0x07), 4
+            for k in range(1, size):
+                code = (code << np.uint64(6)) | (np.uint64(data[i + k]) & np.uint64(0x3F))
+            i += size
+            h = h * P + code - window[count % ngram] * P_ngram  # the code point leaving the window goes
+            window[count % ngram] = code
+            count += 1
+            if count >= ngram:
+                mix_into(h, a, b, sig)
+        if 0 < count < ngram:
+            mix_into(h, a, b, sig)
+
+
+@numba.njit(inline="always")
+def mix_into(h, a, b, sig):  # pragma: no cover (compiled)
+    hv = np.uint32(h >> np.uint64(32))  # datasketch's _fmix(hv, 32), then each affine permutation
+    hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(16))) * np.uint32(0x85EBCA6B))
+    hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(13))) * np.uint32(0xC2B2AE35))
+    hv = np.uint32(hv ^ (hv >> np.uint32(16)))
+    for j in range(a.shape[0]):
+        v = np.uint32(a[j] * hv + b[j])
+        if v < sig[j]:
+            sig[j] = v
+
+
 def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from datasketch import MinHash
 
@@ -576,134 +711,179 @@ def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter
 
 
 # ----------------------------------------------------------------------------------------------
-# the whole stage, as a function (tunepipe inspect runs it too)
+# the whole stage, as a function of the records file's bytes (tunepipe inspect runs it too)
 # ----------------------------------------------------------------------------------------------
 LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
-def first_pass(records: Iterable[dict], p: CleanParams) -> tuple[list[tuple], np.ndarray | None, Counter, Counter]:
-    """Steps 1-2, the duplicate key and the MinHash signature, record by record (in worker
-    processes on a large file). Returns, for each record, (fixed record or None if unchanged,
-    reason or None, source label, facts); the signatures (a row per record); the counts of fixes
-    and redactions. facts, for records that pass the checks: (duplicate key, conflict key, answer
-    hash, prompt chars, answer chars); later steps need no more of most records than that."""
-    fixer = TextFixer(p)
-    placeholders = Placeholders(TextFixer(p).text(t) for t in p.placeholder_answers)
-    include, exclude = keyword_pattern(p.include_keywords), keyword_pattern(p.exclude_keywords)
-    nd = p.near_duplicates
-    out, texts, same = [], [], {}  # same: one object per label, pickled once
-    digest = lambda text: hashlib.blake2b(text.encode(), digest_size=16).digest()  # noqa: E731
-    for record in records:
-        fixed = fixer.record(record)
-        reason = check(fixed, p, placeholders, include, exclude)
-        label = source_label(record)
-        label = same.setdefault(label, label)
-        if reason is not None:
-            out.append((fixed if fixed is not record else None, reason, label, None))
-            texts.append("")
-            continue
-        chat = fixed.get("text") is None
-        prompt = prompt_key(fixed) if chat else None
-        answer = answer_text(fixed)
-        conflict_key = answer_key = None
-        if chat and fixed.get("rejected") is None:  # the same system prompt and question...
-            system = next((m["content"] for m in fixed["messages"] if m["role"] == "system"), "")
-            conflict_key, answer_key = digest(system + "\x00" + prompt), digest(answer.casefold())  # ...other answers
-        out.append((fixed if fixed is not record else None, None, label, (
-            duplicate_key(fixed) if p.drop_duplicates else None, conflict_key, answer_key,
-            sum(len(m["content"]) for m in fixed["messages"] if m["role"] == "user"), len(answer))))
-        texts.append(near_duplicate_text(fixed, prompt) if nd.enabled else "")
-    sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed) if nd.enabled else None
-    return out, sigs, fixer.fixes, fixer.redactions
+def line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, line numbers) of the non-blank lines of a JSON-lines file's bytes."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
+    keep = ends > starts
+    for k in np.flatnonzero(keep)[np.isin(buf[starts[keep]], np.frombuffer(b" \t\r\f\v", dtype=np.uint8))]:
+        keep[k] = bool(data[starts[k]:ends[k]].strip())  # a line of spaces is blank too
+    return starts[keep], ends[keep], np.flatnonzero(keep) + 1
 
 
-def decide(passed: list[tuple], sigs: np.ndarray | None, p: CleanParams, record_of, judge_cache: Path | None,
-           fixes: Counter, redactions: Counter, seconds: dict) -> dict:
-    """Steps 3-6 over first_pass's results for all records in order. record_of(i): record i as
-    fixed, parsed again only where a step needs more than the facts (conflict reports, tokens,
-    the judge, the sources and ids of duplicates). Returns kept [(i, keys added)], rejected
-    [(i, keys added, reason)], conflicts and metrics."""
-    clock = time.perf_counter()
-    record_of = functools.lru_cache(maxsize=None)(record_of)
+def read_table(data: bytes, path: str, numbers: np.ndarray) -> pa.Table:
+    """The columns clean reads, for every line (Arrow's multi-threaded JSON reader)."""
+    if not len(numbers):
+        return RECORD_SCHEMA.empty_table()
+    try:
+        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20),
+                             parse_options=pj.ParseOptions(explicit_schema=RECORD_SCHEMA, unexpected_field_behavior="ignore"))
+    except pa.ArrowInvalid as e:  # name the first bad line as the line-by-line reader would
+        for start, end, number in spans_of_share(data, 0, len(data)):
+            parse_record(path, data[start:end], number)
+        raise StageError(f"{path}: not canonical records ({e})") from None
+    if table.num_rows != len(numbers):
+        raise StageError(f"{path}: {table.num_rows} records in {len(numbers)} lines (one record a line)")
+    broken = pc.or_(pc.is_null(table["messages"]), pc.is_null(pc.struct_field(table["source"], "file")))
+    if pc.any(broken).as_py():
+        bad = int(pc.index(broken, True).as_py())
+        parse_record(path, b"{}", int(numbers[bad]))  # raises: not a canonical record
+    return table
+
+
+def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None = None) -> dict:
+    """Steps 1-6 over the records of a JSON-lines file's bytes. Returns kept [(row, keys added)],
+    rejected [(row, keys added, reason)], line(row) (the row's line, fixed), conflicts, metrics,
+    the lengths histogram and seconds by phase."""
+    seconds, clock = {}, time.perf_counter()
 
     def lap(phase: str) -> None:
         nonlocal clock
         seconds[phase] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
 
-    rejected: list[tuple[int, dict | None, str]] = []
-    kept: list[int] = []
-    added: dict[int, dict] = {}  # keys added to kept record i ("group", "judge_score")
-    first_of: dict[bytes, int] = {}
-    for i, (_, reason, _, facts) in enumerate(passed):  # 3: exact duplicates, in file order
-        if reason is None and facts[0] is not None:
-            first = first_of.setdefault(facts[0], i)
-            if first != i:
-                reason = "duplicate"
-                rejected.append((i, {"duplicate_of": record_of(first)["source"]}, reason))
-                continue
-        if reason is not None:
-            rejected.append((i, None, reason))
-        else:
-            kept.append(i)
+    starts, ends, numbers = line_spans(data)
+    frame = pl.from_arrow(with_folded(read_table(data, path, numbers))).with_row_index("row")
+    n = frame.height
+    lap("read")
+
+    # 1. text fixes, in Python, for the rows a fix might change (and rows with tools: a fact needs them)
+    pattern = may_need_fixing(p)
+    if pattern is not None and n:
+        E = pl.element().struct.field("content")
+        flagged = frame.select(pl.any_horizontal(
+            pl.col("messages").list.eval(E.str.contains(pattern)).list.any(),
+            pl.col("text").str.contains(pattern), pl.col("rejected").struct.field("content").str.contains(pattern))
+            .fill_null(False)).to_series().to_numpy()
+    else:
+        flagged = np.zeros(n, dtype=bool)
+    with_tools, pos = [], data.find(b'"tools":')
+    while pos >= 0:
+        with_tools.append(pos)
+        pos = data.find(b'"tools":', pos + 1)
+    flagged[np.searchsorted(starts, np.asarray(with_tools, dtype=np.int64), side="right") - 1] = True
+    fixer, fixed_lines, lane = TextFixer(p), {}, []
+    for k in np.flatnonzero(flagged).tolist():
+        record = parse_record(path, data[starts[k]:ends[k]], int(numbers[k]))
+        fixed = fixer.record(record)
+        if fixed is not record:
+            fixed_lines[k] = orjson.dumps(fixed)
+        lane.append({"row": k, "id": fixed["id"], "source": fixed["source"], "messages": fixed["messages"],
+                     "text": fixed.get("text"), "rejected": fixed.get("rejected"),
+                     "tools_json": orjson.dumps(fixed["tools"]).decode() if fixed.get("tools") is not None else None})
+    lap("fix")
+
+    # 2. checks and facts, for all rows at once
+    frame = frame.filter(~pl.Series(flagged)).with_columns(pl.lit(None, dtype=pl.String).alias("tools_json"))
+    if lane:
+        slim = [{**r, "source": {"file": r["source"]["file"], "sheet": r["source"].get("sheet")},
+                 "messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
+                 "rejected": r["rejected"] and {"role": r["rejected"]["role"], "content": r["rejected"]["content"]}}
+                for r in lane]
+        schema = RECORD_SCHEMA.insert(0, pa.field("row", pa.int64())).append(pa.field("tools_json", pa.string()))
+        fixed_frame = pl.from_arrow(with_folded(pa.Table.from_pylist(slim, schema=schema)))
+        facts = pl.concat([checked(frame, p), checked(fixed_frame.cast({"row": frame.schema["row"]}), p)]).sort("row")
+    else:
+        facts = checked(frame, p)
+    frame = None
+    lap("check")
+
+    def line(i: int) -> bytes | memoryview:
+        return fixed_lines.get(i) or memoryview(data)[starts[i]:ends[i]]
+
+    @functools.lru_cache(maxsize=None)
+    def record_of(i: int) -> dict:
+        return orjson.loads(line(i))
+
+    # 3. exact duplicates (the first of each stays), in file order with the rows that failed a check
+    reasons = facts["reason"].to_numpy().astype(object) if n else np.empty(0, dtype=object)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    if p.drop_duplicates and n:
+        firsts = (facts.filter(pl.col("reason").is_null())
+                  .select("row", pl.col("row").min().over("duplicate_key").alias("first"))
+                  .filter(pl.col("row") != pl.col("first")))
+        later = firsts["row"].to_numpy().astype(np.int64)
+        duplicate_of[later] = firsts["first"].to_numpy()
+        reasons[later] = "duplicate"
+    rejected: list[tuple[int, dict | None, str]] = [
+        (i, {"duplicate_of": record_of(int(duplicate_of[i]))["source"]} if duplicate_of[i] >= 0 else None, reasons[i])
+        for i in np.flatnonzero(reasons != None).tolist()]  # noqa: E711 (elementwise)
+    kept = np.flatnonzero(reasons == None)  # noqa: E711
+    added: dict[int, dict] = {}  # keys added to kept row i ("group", "judge_score")
     lap("duplicates")
 
     def drop(flags: list[str | None], extra: list[dict | None] | None = None) -> None:
         """Move the flagged rows from kept to rejected (extra[k]: keys added to rejected row k)."""
         nonlocal kept
-        if not any(flags):
-            return
-        still = []
-        for k, (i, reason) in enumerate(zip(kept, flags)):
-            if reason:
-                rejected.append((i, {**added.get(i, {}), **(extra[k] or {})} if extra else added.get(i), reason))
-            else:
-                still.append(i)
-        kept = still
+        flagged_at = [k for k, reason in enumerate(flags) if reason]
+        for k in flagged_at:
+            i = int(kept[k])
+            rejected.append((i, {**added.get(i, {}), **(extra[k] or {})} if extra else added.get(i), flags[k]))
+        kept = np.delete(kept, flagged_at)
 
-    if kept and (p.min_tokens > 0 or p.max_tokens is not None):  # 3: tokens
-        counts = token_counts([record_of(i) for i in kept], p.tokenizer)
-        drop(["too_few_tokens" if n < p.min_tokens else "too_many_tokens" if p.max_tokens is not None
-              and n > p.max_tokens else None for n in counts])
+    if len(kept) and (p.min_tokens > 0 or p.max_tokens is not None):  # 3: tokens
+        counts = token_counts(facts["token_text"].gather(kept).to_list(), p.tokenizer)
+        drop(["too_few_tokens" if c < p.min_tokens else "too_many_tokens" if p.max_tokens is not None
+              and c > p.max_tokens else None for c in counts])
         lap("tokens")
 
     nd = p.near_duplicates
     near_groups = 0
     if nd.enabled and len(kept) > 1:  # 4: near-duplicates
-        roots = near_duplicate_groups(sigs[kept], lambda k: near_duplicate_text(record_of(kept[k])), nd)
+        texts = facts["near_duplicate_text"].gather(kept).to_arrow()
+        sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed)
+        roots = near_duplicate_groups(sigs, lambda k: texts[k].as_py(), nd)
         members = Counter(roots)
-        near_groups = sum(1 for n in members.values() if n > 1)
+        near_groups = sum(1 for c in members.values() if c > 1)
         if nd.action == "drop":
             drop(["near_duplicate" if r != k else None for k, r in enumerate(roots)],
-                 [{"duplicate_of": record_of(kept[r])["source"]} if r != k else None for k, r in enumerate(roots)])
+                 [{"duplicate_of": record_of(int(kept[r]))["source"]} if r != k else None for k, r in enumerate(roots)])
         else:
+            ids = facts["id"]
             for k, r in enumerate(roots):
                 if members[r] > 1:
-                    added[kept[k]] = {"group": record_of(kept[r])["id"]}
+                    added[int(kept[k])] = {"group": ids[int(kept[r])]}
     lap("near_duplicates")
 
-    by_prompt: dict[bytes, list[int]] = defaultdict(list)  # 5: conflicting answers
-    for k, i in enumerate(kept):
-        if passed[i][3][1] is not None:
-            by_prompt[passed[i][3][1]].append(k)
-    conflicts, flags = [], [None] * len(kept)
-    for ks in by_prompt.values():
-        if len(ks) > 1 and len({passed[kept[k]][3][2] for k in ks}) > 1:
-            records = [record_of(kept[k]) for k in ks]
-            conflicts.append({"question": prompt_key(records[0])[:500], "rows": [
-                {**r["source"], "id": r["id"], "answer": answer_text(r)[:300]} for r in records]})
-            for n, k in enumerate(ks):
-                if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and n > 0):
-                    flags[k] = "conflicting_answer"
+    conflicts, flags = [], [None] * len(kept)  # 5: conflicting answers
+    kept_facts = facts.select("conflict_key", "answer_key").gather(kept).with_row_index("position")
+    groups = (kept_facts.filter(pl.col("conflict_key").is_not_null())
+              .group_by("conflict_key", maintain_order=True)
+              .agg(pl.col("position"), pl.col("answer_key").n_unique().alias("answers"))
+              .filter(pl.col("answers") > 1))
+    for positions in groups["position"].to_list():
+        records = [record_of(int(kept[k])) for k in positions]
+        conflicts.append({"question": prompt_key(records[0])[:500], "rows": [
+            {**r["source"], "id": r["id"], "answer": answer_text(r)[:300]} for r in records]})
+        for order, k in enumerate(positions):
+            if p.conflicting_answers == "drop" or (p.conflicting_answers == "keep_first" and order > 0):
+                flags[k] = "conflicting_answer"
     drop(flags)
     lap("conflicts")
 
     judge_stats: Counter = Counter()
-    if p.judge.enabled and kept:  # 6: the LLM judge
+    if p.judge.enabled and len(kept):  # 6: the LLM judge
         if judge_cache is None:
             raise StageError("clean.judge is enabled but no cache file was given (--judge-cache)")
-        scores = judge_scores([record_of(i) for i in kept], p.judge, judge_cache, judge_stats)
-        for i, score in zip(kept, scores):
+        scores = judge_scores([record_of(int(i)) for i in kept], p.judge, judge_cache, judge_stats)
+        for i, score in zip(kept.tolist(), scores):
             added[i] = {**added.get(i, {}), "judge_score": score}
         drop(["judge_low_score" if s is not None and s < p.judge.min_score else None for s in scores])
     if judge_cache is not None and not judge_cache.exists():  # a DVC out: there even when the judge is off
@@ -711,60 +891,59 @@ def decide(passed: list[tuple], sigs: np.ndarray | None, p: CleanParams, record_
             tmp.write_bytes(b"")
 
     # the data card
-    rows_in = Counter(row[2] for row in passed)
-    kept_by = Counter(passed[i][2] for i in kept)
+    labels = facts["label"].to_list()
+    rows_in, kept_by = Counter(labels), Counter(labels[i] for i in kept.tolist())
     rejected_by = defaultdict(Counter)
     for i, _, reason in rejected:
-        rejected_by[passed[i][2]][reason] += 1
-    by_source = {label: {"rows_in": n, "rows_kept": kept_by[label], "rows_rejected": sum(rejected_by[label].values()),
+        rejected_by[labels[i]][reason] += 1
+    by_source = {label: {"rows_in": count, "rows_kept": kept_by[label], "rows_rejected": sum(rejected_by[label].values()),
                          "rejected_by_reason": dict(sorted(rejected_by[label].items()))}
-                 for label, n in sorted(rows_in.items())}
+                 for label, count in sorted(rows_in.items())}
     by_reason = Counter(reason for _, _, reason in rejected)
-    prompt_lengths = [passed[i][3][3] for i in kept]
-    answer_lengths = [passed[i][3][4] for i in kept]
+    lengths = {name: facts[name].to_numpy()[kept] if n else np.zeros(0, dtype=np.int64)
+               for name in ("prompt_chars", "answer_chars")}
     metrics = {
         "rows_in": len(kept) + len(rejected), "rows_kept": len(kept), "rows_rejected": len(rejected),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "by_source": by_source,
-        "fixes": dict(sorted(fixes.items())),
-        "pii_redacted": dict(sorted(redactions.items())),
+        "fixes": dict(sorted(fixer.fixes.items())),
+        "pii_redacted": dict(sorted(fixer.redactions.items())),
         "conflicting_questions": len(conflicts),
         "conflicting_rows": sum(len(c["rows"]) for c in conflicts),
         "near_duplicate_groups": near_groups,
-        "lengths": {name: summary(values) for name, values in (("prompt_chars", prompt_lengths),
-                                                              ("answer_chars", answer_lengths))},
+        "lengths": {name: summary(values) for name, values in lengths.items()},
     }
     if p.judge.enabled:
         metrics["judge"] = dict(judge_stats)
     histogram = [{"chars": edge, "prompt": 0, "answer": 0} for edge in LENGTH_BINS]
-    for name, values in (("prompt", prompt_lengths), ("answer", answer_lengths)):
-        bins = np.searchsorted(LENGTH_BINS, np.asarray(values, dtype=np.int64), side="right") - 1  # as bisect_right
-        for row, n in zip(histogram, np.bincount(bins, minlength=len(LENGTH_BINS)).tolist()):
-            row[name] = n
-    assert metrics["rows_in"] == len(passed), "clean lost rows"
+    for name, values in lengths.items():
+        bins = np.searchsorted(LENGTH_BINS, values, side="right") - 1  # as bisect_right
+        for row, count in zip(histogram, np.bincount(bins, minlength=len(LENGTH_BINS)).tolist()):
+            row[name.removesuffix("_chars")] = count
+    assert metrics["rows_in"] == n, "clean lost rows"
     lap("judge_and_data_card")
-    return {"kept": [(i, added.get(i)) for i in kept], "rejected": rejected, "conflicts": conflicts,
-            "metrics": metrics, "histogram": histogram, "seconds": seconds}
+    return {"kept": [(i, added.get(i)) for i in kept.tolist()], "rejected": rejected, "line": line,
+            "conflicts": conflicts, "metrics": metrics, "histogram": histogram, "seconds": seconds}
 
 
 def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
-    """Fix, check and deduplicate records (in this process; `tunepipe inspect` and tests). Returns
-    kept and rejected records (each rejected one with its reason), conflicts (the same question,
-    different answers) and metrics."""
-    records = list(records)
-    passed, sigs, fixes, redactions = first_pass(records, p)
-    fixed = [f if f is not None else r for r, (f, _, _, _) in zip(records, passed)]
-    result = decide(passed, sigs, p, fixed.__getitem__, judge_cache, fixes, redactions, {})
-    result["kept"] = [{**fixed[i], **extra} if extra else fixed[i] for i, extra in result["kept"]]
-    result["rejected"] = [{**fixed[i], **(extra or {}), "reason": reason} for i, extra, reason in result["rejected"]]
+    """Fix, check and deduplicate records in this process (`tunepipe inspect` and tests), by the
+    stage's own code on their JSON lines. Returns kept and rejected records (each rejected one with
+    its reason), conflicts (the same question, different answers) and metrics."""
+    data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+    result = clean_data(data, "records", p, judge_cache)
+    line = result.pop("line")
+    result["kept"] = [{**orjson.loads(line(i)), **(extra or {})} for i, extra in result["kept"]]
+    result["rejected"] = [{**orjson.loads(line(i)), **(extra or {}), "reason": reason}
+                          for i, extra, reason in result["rejected"]]
     return result
 
 
-def summary(values: list[int]) -> dict:
-    if not values:
+def summary(values: np.ndarray) -> dict:
+    if not len(values):
         return {"p50": 0, "p90": 0, "max": 0}
-    ordered = sorted(values)
-    return {"p50": ordered[len(ordered) // 2], "p90": ordered[int(len(ordered) * 0.9)], "max": ordered[-1]}
+    ordered = np.sort(values)
+    return {"p50": int(ordered[len(ordered) // 2]), "p90": int(ordered[int(len(ordered) * 0.9)]), "max": int(ordered[-1])}
 
 
 def main() -> None:
@@ -779,39 +958,17 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params("clean", CleanParams)
 
-    with no_cycle_collection():
-        clock = time.perf_counter()
-        data = read_file(args.records)
-
-        def share(lo: int, hi: int) -> tuple[array, array, list[tuple], np.ndarray | None, Counter, Counter]:
-            spans, view = list(spans_of_share(data, lo, hi)), memoryview(data)
-            passed, sigs, fixes, redactions = first_pass((parse_record(args.records, view[start:end], n)
-                                                          for start, end, n in shown(spans, lo, hi, "clean")), p)
-            # positions of the lines, and a fixed record as its new JSON line
-            return (array("q", [start for start, _, _ in spans]), array("q", [end for _, end, _ in spans]),
-                    [(orjson.dumps(f) if f is not None else None, *rest) for f, *rest in passed], sigs, fixes, redactions)
-
-        shares = in_forked_shares(len(data), share, min_share=8_000_000)  # steps 1-2 on every core
-        read = Lines(data, (x for s in shares for x in s[0]), (x for s in shares for x in s[1]))
-        passed = [row for s in shares for row in s[2]]
-        sigs = np.concatenate([s[3] for s in shares]) if p.near_duplicates.enabled else None
-        fixes, redactions = sum((s[4] for s in shares), Counter()), sum((s[5] for s in shares), Counter())
-        shares = None
-
-        def line(i: int) -> bytes | memoryview:
-            return passed[i][0] or read[i]
-
-        seconds = {"read_fix_check": round(time.perf_counter() - clock, 2)}
-        result = decide(passed, sigs, p, lambda i: orjson.loads(line(i)), Path(args.judge_cache), fixes, redactions,
-                        seconds)
-        write_lines_to(args.out, (with_keys(line(i), extra) for i, extra in result["kept"]))
-        write_lines_to(args.rejected, (with_keys(line(i), {**(extra or {}), "reason": reason})
-                                       for i, extra, reason in result["rejected"]))
-        write_records(args.conflicts, result["conflicts"])
+    result = clean_data(read_file(args.records), args.records, p, Path(args.judge_cache))
+    line, clock = result["line"], time.perf_counter()
+    write_lines_to(args.out, (with_keys(line(i), extra) if extra else line(i) for i, extra in result["kept"]))
+    write_lines_to(args.rejected, (with_keys(line(i), {**(extra or {}), "reason": reason})
+                                   for i, extra, reason in result["rejected"]))
+    write_records(args.conflicts, result["conflicts"])
     with atomic_path(args.lengths_plot) as tmp:
         tmp.write_text("chars,prompt,answer\n" + "".join(f"{h['chars']},{h['prompt']},{h['answer']}\n"
                                                          for h in result["histogram"]))
     write_json(args.metrics, result["metrics"])
+    result["seconds"]["write"] = round(time.perf_counter() - clock, 2)
     m = result["metrics"]
     print(f"clean: kept {m['rows_kept']}, rejected {m['rows_rejected']} {m['rejected_by_reason']}; "
           f"fixes {m['fixes']}; redacted {m['pii_redacted']}; {m['conflicting_questions']} questions with "
