@@ -269,11 +269,13 @@ class TextFixer:
 # ----------------------------------------------------------------------------------------------
 # 2. per-row checks and the facts later steps need: column expressions (polars) over all rows
 # ----------------------------------------------------------------------------------------------
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-# What clean reads of a canonical record; other keys (meta, tools, tool_calls, ...) pass through
-# in the line's bytes, and rows with tools are parsed (their tools are part of the duplicate key)
-RECORD_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.struct([("file", pa.string()), ("sheet", pa.string())])),
-                           ("messages", pa.list_(MESSAGE)), ("text", pa.string()), ("rejected", MESSAGE)])
+MESSAGE = pa.struct([("role", pa.string_view()), ("content", pa.string_view())])
+# What clean reads of a canonical record (as string views: polars takes them without a copy);
+# other keys (meta, tools, tool_calls, ...) pass through in the line's bytes, and rows with tools
+# are parsed (their tools are part of the duplicate key)
+RECORD_SCHEMA = pa.schema([("id", pa.string_view()), ("source", pa.struct([("file", pa.string_view()),
+                                                                           ("sheet", pa.string_view())])),
+                           ("messages", pa.list_(MESSAGE)), ("text", pa.string_view()), ("rejected", MESSAGE)])
 PII_TAGS = ["[PHONE]", "[ID_CARD]", "[EMAIL]", "[BANK_CARD]"]
 
 
@@ -321,42 +323,12 @@ def placeholder_regex(texts: Iterable[str]) -> str | None:
     return f"^\\s*(?i:{alternatives})[.。!！ ]*\\s*$" if alternatives else None
 
 
-@functools.cache
-def cased_beyond_ascii() -> str:
-    """A regex class (polars syntax) of the characters beyond ASCII that case folding may change."""
-    chars = [c for c in range(128, 0x10000) if not 0xD800 <= c < 0xE000 and chr(c).casefold() != chr(c)]
-    ranges, lo, prev = [], chars[0], chars[0]
-    for c in chars[1:]:
-        if c > prev + 64:  # a few uncased characters inside a range cost nothing
-            ranges.append((lo, prev))
-            lo = c
-        prev = c
-    ranges.append((lo, prev))
-    return "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "\\x{10000}-\\x{10ffff}]"
-
-
-def case_folded(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Lower-cased texts (case folding for duplicate and question keys): ASCII's fast path, and the
-    Unicode one for the few texts with another cased letter (a fifth of the time on Chinese text)."""
-    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-    folded = pc.ascii_lower(texts)
-    other = pc.fill_null(pc.match_substring_regex(texts, cased_beyond_ascii()), False)
-    if pc.any(other).as_py():
-        folded = pc.replace_with_mask(folded, other, pc.utf8_lower(pc.filter(texts, other)))
-    return folded
-
-
-def with_folded(table: pa.Table) -> pa.Table:
-    """The table with each text's case-folded copy beside it: messages[].folded, text_folded."""
-    messages = table["messages"].combine_chunks()
-    if isinstance(messages, pa.ChunkedArray):  # an empty table
-        messages = pa.array([], pa.list_(MESSAGE))
-    flat = messages.flatten()
-    with_copy = pa.StructArray.from_arrays([flat.field("role"), flat.field("content"), case_folded(flat.field("content"))],
-                                           names=["role", "content", "folded"])
-    messages = pa.ListArray.from_arrays(messages.offsets, with_copy, mask=messages.is_null())
-    table = table.set_column(table.schema.get_field_index("messages"), "messages", messages)
-    return table.append_column("text_folded", case_folded(table["text"]))
+def with_folded(frame: pl.DataFrame) -> pl.DataFrame:
+    """The frame with each text's lower-cased copy beside it (messages[].folded, text_folded): the
+    keys of duplicates and questions compare case-folded text."""
+    content = pl.element().struct.field("content")
+    return frame.with_columns(pl.col("messages").list.eval(pl.element().struct.with_fields(
+        content.str.to_lowercase().alias("folded"))), pl.col("text").str.to_lowercase().alias("text_folded"))
 
 
 def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
@@ -718,8 +690,10 @@ LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 def line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, line numbers) of the non-blank lines of a JSON-lines file's bytes."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    newlines = np.flatnonzero(buf == ord("\n"))
+    buf, newlines = np.frombuffer(data, dtype=np.uint8), []
+    for lo in range(0, len(buf), 1 << 24):  # a piece at a time: no file-sized temporary array
+        newlines.append(np.flatnonzero(buf[lo:lo + (1 << 24)] == ord("\n")) + lo)
+    newlines = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
     starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
     ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
     keep = ends > starts
@@ -760,7 +734,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
         clock = time.perf_counter()
 
     starts, ends, numbers = line_spans(data)
-    frame = pl.from_arrow(with_folded(read_table(data, path, numbers))).with_row_index("row")
+    frame = with_folded(pl.from_arrow(read_table(data, path, numbers))).with_row_index("row")
     n = frame.height
     lap("read")
 
@@ -798,7 +772,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
                  "rejected": r["rejected"] and {"role": r["rejected"]["role"], "content": r["rejected"]["content"]}}
                 for r in lane]
         schema = RECORD_SCHEMA.insert(0, pa.field("row", pa.int64())).append(pa.field("tools_json", pa.string()))
-        fixed_frame = pl.from_arrow(with_folded(pa.Table.from_pylist(slim, schema=schema)))
+        fixed_frame = with_folded(pl.from_arrow(pa.Table.from_pylist(slim, schema=schema)))
         facts = pl.concat([checked(frame, p), checked(fixed_frame.cast({"row": frame.schema["row"]}), p)]).sort("row")
     else:
         facts = checked(frame, p)

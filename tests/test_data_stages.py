@@ -11,7 +11,7 @@ import orjson
 import pytest
 import yaml
 
-from conftest import REPO, run_stage, write_params
+from conftest import REPO, SHARED_DATA, run_stage, write_params
 from stages.common import StageError, read_jsonl
 
 
@@ -260,6 +260,34 @@ def test_pii_redaction():
     assert only_email.text("13812345678 a@b.cn") == "13812345678 [EMAIL]"
     result = clean_records([chat("call me at 13812345678", "ok")], CleanParams(pii={"action": "reject"}))
     assert result["metrics"]["rejected_by_reason"] == {"pii": 1}
+
+
+TRICKY_TEXTS = [
+    "plain text", "中文问题，答案：（是）①", "ＡＢＣ", "a\u3000b", "x\u00a0y", "cafÃ©", "e\u0301", "한\u1161", "Ω", "ﬁ",
+    "<p>x</p>", "a &amp; b", "a < b", "q\ufffd", "  lead", "trail ", "a  b", "a \nb", "a\n b", "a\n\n\nb", "\tx",
+    "x\r\ny", "zero\u200bwidth", "，开头", "...and", ") x", "call 13812345678", "mail a@b.cn", "1234 5678", "😀 emoji",
+    "𝐀 bold", "x\x1cy", "end\u2028", "١٢٣", "\ufeffbom", "²", "½", "x\x85y", "Straße", "ǅ"]
+
+
+@pytest.mark.parametrize("changes", [{}, {"keep_cjk_punctuation": False}, {"replacement_char": "strip"},
+                                     {"normalize_unicode": False, "pii": {"enabled": False}}])
+def test_texts_skipping_the_python_fixes_need_none(changes):
+    """clean runs TextFixer only on texts that may_need_fixing's regex matches: every text a fix
+    changes must match it (tricky texts, and the shared data's questions and answers where present)."""
+    import polars as pl
+
+    from stages.clean import may_need_fixing
+
+    texts = list(TRICKY_TEXTS)
+    medical = SHARED_DATA / "chinese_medical_dialogue/neike_5000_6000_gb18030.csv"
+    if medical.exists():
+        texts += [t for line in medical.read_text(encoding="gb18030").splitlines()[:3000] for t in line.split(",")]
+    p = CleanParams(**changes)
+    fixer, pattern = TextFixer(p), may_need_fixing(p)
+    matched = pl.Series(texts).str.contains(pattern).to_list()
+    changed = [t for t in texts if fixer.text(t) != t]
+    assert len(changed) >= 25
+    assert [t for t, m in zip(texts, matched) if not m and fixer.text(t) != t] == []
 
 
 RULE_ROWS = [
