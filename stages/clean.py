@@ -15,9 +15,10 @@ its reason, so rows in = kept + rejected, in total and for each source. In order
   6. an optional LLM judge through any OpenAI-compatible endpoint, cached by content hash
 The data card: metrics (counts by source and reason, fixes, redactions, lengths) and
 plots/lengths.csv (a histogram of prompt and answer lengths in characters).
-Steps 1-2 and the MinHash signatures go record by record (first_pass): on a large file, one
-worker process per core does a share of the lines; steps 3-6 (decide) need all rows and run once,
-on what first_pass found. Records written unchanged are the bytes that were read.
+How: Arrow reads every record's texts in one multi-threaded pass and polars checks all rows at once
+(the rules of step 2 and the keys of steps 3-5 are column expressions); the Python text fixes run
+only on texts a regex says a fix might change (a few percent), MinHash signatures come from a
+compiled loop (numba) over the texts' bytes. Records written unchanged are the bytes that were read.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ Assistant messages that call a tool keep the call as JSON text in "content" (so 
 renders it) and structured in "tool_calls"; tool results are messages with role "tool".
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
-A stage that passes a record on unchanged writes back the line it read, and a stage with much
-per-row work spreads it over the cores (in_forked_shares), each worker reading its share of the
-file's lines where they lie in its bytes (spans_of_share).
+A stage that passes a record on unchanged writes back the line it read. ingest and split spread
+their per-row work over the cores (in_forked_shares), each worker reading its share of the file's
+lines where they lie in its bytes (spans_of_share); clean works on columns instead (stages/clean.py).
 """
 from __future__ import annotations
 
