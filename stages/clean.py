@@ -336,6 +336,7 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     """The reason each (fixed) record is unusable, or null, and the facts later steps need: source
     label, duplicate key, conflict key (system prompt and question), answer key, prompt and answer
     lengths in characters, and the texts near-duplicates and tokens are measured on."""
+    frame = with_folded(frame)
     E = pl.element()
     role, content, folded = E.struct.field("role"), E.struct.field("content"), E.struct.field("folded")
     msgs, text, text_folded, tools = pl.col("messages"), pl.col("text"), pl.col("text_folded"), pl.col("tools_json")
@@ -735,7 +736,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
         clock = time.perf_counter()
 
     starts, ends, numbers = line_spans(data)
-    frame = with_folded(pl.from_arrow(read_table(data, path, numbers))).with_row_index("row")
+    frame = pl.from_arrow(read_table(data, path, numbers)).with_row_index("row")
     n = frame.height
     lap("read")
 
@@ -760,20 +761,19 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
         fixed = fixer.record(record)
         if fixed is not record:
             fixed_lines[k] = orjson.dumps(fixed)
-        lane.append({"row": k, "id": fixed["id"], "source": fixed["source"], "messages": fixed["messages"],
-                     "text": fixed.get("text"), "rejected": fixed.get("rejected"),
-                     "tools_json": orjson.dumps(fixed["tools"]).decode() if fixed.get("tools") is not None else None})
+        rejected = fixed.get("rejected")
+        lane.append({  # the fixed record's columns, as RECORD_SCHEMA has them
+            "row": k, "id": fixed["id"], "source": {"file": fixed["source"]["file"], "sheet": fixed["source"].get("sheet")},
+            "messages": [{"role": m["role"], "content": m["content"]} for m in fixed["messages"]],
+            "text": fixed.get("text"), "rejected": rejected and {"role": rejected["role"], "content": rejected["content"]},
+            "tools_json": orjson.dumps(fixed["tools"]).decode() if fixed.get("tools") is not None else None})
     lap("fix")
 
     # 2. checks and facts, for all rows at once
     frame = frame.filter(~pl.Series(flagged)).with_columns(pl.lit(None, dtype=pl.String).alias("tools_json"))
     if lane:
-        slim = [{**r, "source": {"file": r["source"]["file"], "sheet": r["source"].get("sheet")},
-                 "messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
-                 "rejected": r["rejected"] and {"role": r["rejected"]["role"], "content": r["rejected"]["content"]}}
-                for r in lane]
         schema = RECORD_SCHEMA.insert(0, pa.field("row", pa.int64())).append(pa.field("tools_json", pa.string()))
-        fixed_frame = with_folded(pl.from_arrow(pa.Table.from_pylist(slim, schema=schema)))
+        fixed_frame = pl.from_arrow(pa.Table.from_pylist(lane, schema=schema))
         facts = pl.concat([checked(frame, p), checked(fixed_frame.cast({"row": frame.schema["row"]}), p)]).sort("row")
     else:
         facts = checked(frame, p)
