@@ -433,65 +433,127 @@ def token_counts(texts: list[str], tokenizer_dir: str) -> list[int]:
 
 
 
+def utf8_buffers(texts: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' UTF-8 bytes one after the other, and offsets (text i is data[offsets[i]:offsets[i + 1]]):
+    Arrow's buffers, for the compiled loops below."""
+    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+    return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)), offsets
+
+
 def minhash_signatures(texts: list[str] | pa.Array, ngram: int, num_perm: int, seed: int) -> np.ndarray:
     """MinHash signatures of the character n-gram sets of `texts`. Exactly datasketch's
     MinHash(num_perm, seed, scheme="affine32") fed the n-grams with `ngram_hash32` as hash function
     (tests/test_data_stages.py checks), computed by a compiled loop (numba) over the texts' UTF-8
-    bytes in Arrow's buffers, one text per thread at a time: ~1 us a text instead of ~15 with numpy."""
-    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())
-    _, offsets, data = array.buffers()
-    offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    out = np.full((len(array), num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    bytes, one text per thread at a time: ~1 us a text instead of ~15 with numpy. One row per text
+    (a view of the array signatures_into fills one column per text: LSH reads it a permutation at a time)."""
+    data, offsets = utf8_buffers(texts)
+    out = np.empty((num_perm, len(offsets) - 1), dtype=np.uint32)
     a, b = minhash_permutations(num_perm, seed)
-    if len(array):
+    if len(offsets) > 1:
         signatures_into(data, offsets, ngram, a, b, out)
-    return out
+    return out.T
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def signatures_into(data, offsets, ngram, a, b, out):  # pragma: no cover (compiled)
-    """out[row] = min over the row's n-grams of a * fmix32(hash >> 32) + b (mod 2^32), where hash is
-    ngram_hash64: the polynomial rolling hash of the n-gram's code points (the whole text if shorter)."""
+    """out[:, row] = min over the row's n-gram hashes h of a * fmix32(h >> 32) + b (mod 2^32)."""
+    for row in numba.prange(offsets.shape[0] - 1):
+        sig = np.full(a.shape[0], np.uint32(0xFFFFFFFF), dtype=np.uint32)
+        for h in ngram_hashes(data, offsets[row], offsets[row + 1], ngram):
+            hv = np.uint32(h >> np.uint64(32))  # datasketch's _fmix(hv, 32), then each affine permutation
+            hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(16))) * np.uint32(0x85EBCA6B))
+            hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(13))) * np.uint32(0xC2B2AE35))
+            hv = np.uint32(hv ^ (hv >> np.uint32(16)))
+            for j in range(a.shape[0]):
+                v = np.uint32(a[j] * hv + b[j])
+                if v < sig[j]:
+                    sig[j] = v
+        out[:, row] = sig
+
+
+@numba.njit(cache=True, nogil=True)
+def ngram_hashes(data, start, end, ngram):  # pragma: no cover (compiled)
+    """ngram_hash64 of each character n-gram of the UTF-8 text data[start:end], in order (of the
+    whole text if it is shorter; none if it is empty): a polynomial hash of the code points, rolled
+    along the text (the code point leaving the window is taken out)."""
     P = np.uint64(0x100000001B3)
     P_ngram = np.uint64(1)
     for _ in range(ngram):
         P_ngram = P_ngram * P
-    for row in numba.prange(offsets.shape[0] - 1):
-        window = np.zeros(ngram, dtype=np.uint64)
-        h, count, i, end, sig = np.uint64(0), 0, offsets[row], offsets[row + 1], out[row]
-        while i < end:  # decode one UTF-8 code point
-            lead = np.uint64(data[i])
-            if lead < 0x80:
-                code, size = lead, 1
-            elif lead < 0xE0:
-                code, size = lead & np.uint64(0x1F), 2
-            elif lead < 0xF0:
-                code, size = lead & np.uint64(0x0F), 3
-            else:
-                code, size = lead & np.uint64(0x07), 4
-            for k in range(1, size):
-                code = (code << np.uint64(6)) | (np.uint64(data[i + k]) & np.uint64(0x3F))
-            i += size
-            h = h * P + code - window[count % ngram] * P_ngram  # the code point leaving the window goes
-            window[count % ngram] = code
-            count += 1
-            if count >= ngram:
-                mix_into(h, a, b, sig)
-        if 0 < count < ngram:
-            mix_into(h, a, b, sig)
+    out = np.empty(end - start, dtype=np.uint64)  # at most one n-gram a byte
+    window = np.zeros(ngram, dtype=np.uint64)
+    h, count, n, i = np.uint64(0), 0, 0, start
+    while i < end:  # decode one code point
+        lead = np.uint64(data[i])
+        if lead < 0x80:
+            code, size = lead, 1
+        elif lead < 0xE0:
+            code, size = lead & np.uint64(0x1F), 2
+        elif lead < 0xF0:
+            code, size = lead & np.uint64(0x0F), 3
+        else:
+            code, size = lead & np.uint64(0x07), 4
+        for k in range(1, size):
+            code = (code << np.uint64(6)) | (np.uint64(data[i + k]) & np.uint64(0x3F))
+        i += size
+        h = h * P + code - window[count % ngram] * P_ngram
+        window[count % ngram] = code
+        count += 1
+        if count >= ngram:
+            out[n] = h
+            n += 1
+    if 0 < count < ngram:
+        out[n] = h
+        n += 1
+    return out[:n]
 
 
-@numba.njit(inline="always")
-def mix_into(h, a, b, sig):  # pragma: no cover (compiled)
-    hv = np.uint32(h >> np.uint64(32))  # datasketch's _fmix(hv, 32), then each affine permutation
-    hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(16))) * np.uint32(0x85EBCA6B))
-    hv = np.uint32(np.uint32(hv ^ (hv >> np.uint32(13))) * np.uint32(0xC2B2AE35))
-    hv = np.uint32(hv ^ (hv >> np.uint32(16)))
-    for j in range(a.shape[0]):
-        v = np.uint32(a[j] * hv + b[j])
-        if v < sig[j]:
-            sig[j] = v
+@numba.njit(parallel=True, cache=True, nogil=True)
+def jaccard_into(data, offsets, ngram, left, right, bounds, out):  # pragma: no cover (compiled)
+    """out[k] = the Jaccard similarity of the n-gram hash sets of texts left[k] and right[k]; the
+    pairs come sorted by left, pairs bounds[g]..bounds[g + 1] sharing one (its set made once).
+    Sets are open-addressing hash tables (sorting each text's n-grams took 10x longer)."""
+    for g in numba.prange(bounds.shape[0] - 1):
+        first = ngram_hashes(data, offsets[left[bounds[g]]], offsets[left[bounds[g]] + 1], ngram)
+        first_set, first_used, first_size = hash_set(first)
+        for k in range(bounds[g], bounds[g + 1]):
+            other_set, other_used, other_size = hash_set(ngram_hashes(data, offsets[right[k]], offsets[right[k] + 1], ngram))
+            common = 0
+            for slot in range(other_set.shape[0]):
+                if other_used[slot] and slot_of(first_set, first_used, other_set[slot]) >= 0:
+                    common += 1
+            union = first_size + other_size - common
+            out[k] = common / union if union else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def hash_set(hashes):  # pragma: no cover (compiled)
+    """The distinct hashes as an open-addressing table (slots, which slots are used, how many)."""
+    capacity = 16
+    while capacity < 2 * hashes.shape[0]:
+        capacity *= 2
+    slots, used, size = np.zeros(capacity, dtype=np.uint64), np.zeros(capacity, dtype=np.bool_), 0
+    for h in hashes:
+        slot = slot_of(slots, used, h)
+        if slot < 0:
+            slot = -slot - 1
+            slots[slot], used[slot] = h, True
+            size += 1
+    return slots, used, size
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def slot_of(slots, used, h):  # pragma: no cover (compiled)
+    """The slot holding h, or -(the free slot where it would go) - 1 (linear probing)."""
+    mask = slots.shape[0] - 1
+    slot = np.int64((h * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask  # Fibonacci hashing mixes the bits
+    while used[slot]:
+        if slots[slot] == h:
+            return slot
+        slot = (slot + 1) & mask
+    return -slot - 1
 
 
 def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -499,53 +561,6 @@ def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
     a, b = (x.astype(np.uint32) for x in MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations)
     return a, b
-
-
-def batch_ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 64-bit rolling hashes of the n-grams of `texts` (of the whole text if shorter), one text
-    after the other, and how many each text has; computed over all texts at once."""
-    lens = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    ends = np.cumsum(lens)
-    starts = ends - lens
-    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    h = codes.copy()
-    for k in range(1, min(ngram, len(h))):  # h[i] = sum codes[i + j] * P^(ngram-1-j), mod 2^64
-        h[:len(h) - k] *= np.uint64(0x100000001B3)
-        h[:len(h) - k] += codes[k:]
-    # the hash of a text shorter than ngram is the hash of the whole text
-    short = np.flatnonzero((lens < ngram) & (lens > 0))
-    for i in short:
-        h[starts[i]] = np.uint64(ngram_hash64(texts[i]))
-    valid = np.ones(len(h), dtype=bool)
-    for k in range(1, ngram):  # windows running past their text's end
-        pos = ends - k
-        valid[pos[pos >= starts]] = False
-    valid[starts[short]] = True
-    counts = np.where(lens >= ngram, lens - ngram + 1, (lens > 0).astype(np.int64))
-    return h[valid], counts
-
-
-def distinct_ngram_hashes(texts: list[str], ngram: int, batch: int = 1000) -> list[np.ndarray]:
-    """Each text's distinct n-gram hashes, sorted (for exact Jaccard similarity). A batch of texts
-    at a time is sorted row by row in one 2-D array padded with the largest hash, not one numpy
-    call per text; texts go in order of length, so there is little padding."""
-    out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(texts)
-    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    lo = 0
-    while lo < len(texts):
-        longest = len(texts[by_length[min(lo + batch, len(texts)) - 1]])
-        hi = min(lo + batch, len(texts), lo + max(1, 4_000_000 // max(1, longest)))  # at most ~32 MB a batch
-        ids, lo = by_length[lo:hi], hi
-        hashes, counts = batch_ngram_hashes([texts[i] for i in ids], ngram)
-        starts = np.cumsum(counts) - counts
-        rows = np.full((len(ids), max(1, counts.max())), np.uint64(0xFFFFFFFFFFFFFFFF))
-        rows[np.repeat(np.arange(len(ids)), counts), np.arange(len(hashes)) - np.repeat(starts, counts)] = hashes
-        rows.sort(axis=1)  # the padding sorts last: a row starts with its text's hashes, sorted
-        first = np.ones(rows.shape, dtype=bool)
-        first[:, 1:] = rows[:, 1:] != rows[:, :-1]
-        for i, row, keep, n in zip(ids, rows, first, counts.tolist()):
-            out[i] = row[:n][keep[:n]]
-    return out
 
 
 def ngram_hash64(text: str) -> int:
@@ -561,24 +576,26 @@ def ngram_hash32(gram: bytes | str) -> int:
     return ngram_hash64(text) >> 32
 
 
-def near_duplicate_groups(sigs: np.ndarray, text_of, nd: NearDuplicates) -> list[int]:
-    """For each MinHash signature (a row of sigs), the index of the first row of its near-duplicate
-    group (itself if none); text_of(i): the text of row i, for the exact checks.
-    Locality-sensitive hashing over the MinHash signatures, with the bands datasketch's
-    MinHashLSH picks for the threshold (b bands of r rows), bucketed for all texts at once with
-    numpy rather than one dict insert and query per text (~20x faster on 1M rows). A candidate
-    pair whose MinHash estimate is not clearly above the threshold joins a group only if its exact
-    Jaccard similarity reaches it: estimates are noisy (templated answers about two drugs would
-    otherwise merge)."""
+def near_duplicate_groups(texts: list[str] | pa.Array, nd: NearDuplicates) -> np.ndarray:
+    """For each text, the index of the first text of its near-duplicate group (itself if none).
+    Locality-sensitive hashing over MinHash signatures, with the bands datasketch's MinHashLSH
+    picks for the threshold (b bands of r rows), bucketed for all texts at once with numpy rather
+    than one dict insert and query per text (~20x faster on 1M rows). A candidate pair whose
+    MinHash estimate is not clearly above the threshold joins a group only if its exact Jaccard
+    similarity reaches it: estimates are noisy (templated answers about two drugs would otherwise
+    merge). Groups are the connected components of the pairs that join."""
     from datasketch import MinHashLSH
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    n = len(sigs)
+    permutations = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed).T  # contiguous rows
+    n = permutations.shape[1]
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
     candidates = []
     for band in range(lsh.b):
         h = np.zeros(n, dtype=np.uint64)
         for column in range(band * lsh.r, (band + 1) * lsh.r):
-            h = h * np.uint64(0x100000001B3) + sigs[:, column]
+            h = h * np.uint64(0x100000001B3) + permutations[column]
         order = np.argsort(h, kind="stable")
         ordered = h[order]
         starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
@@ -586,37 +603,26 @@ def near_duplicate_groups(sigs: np.ndarray, text_of, nd: NearDuplicates) -> list
         same = first != order
         candidates.append(first[same].astype(np.int64) * n + order[same])  # (first of bucket, member)
     pairs = np.unique(np.concatenate(candidates)) if candidates else np.empty(0, dtype=np.int64)
-    left, right = pairs // n, pairs % n
+    left, right = pairs // n, pairs % n  # sorted by left
     estimate = np.zeros(len(pairs))
     for lo in range(0, len(pairs), 200_000):
         sl = slice(lo, lo + 200_000)
-        estimate[sl] = (sigs[left[sl]] == sigs[right[sl]]).mean(axis=1)
+        estimate[sl] = (permutations[:, left[sl]] == permutations[:, right[sl]]).mean(axis=0)
     # the estimate's standard deviation is at most 0.5 / sqrt(num_perm) (0.06 for 64): far above the
     # threshold a pair is in, far below it is out, and only the band between gets the exact check
     margin = 0.8 / np.sqrt(nd.num_perm)  # 1.6 standard deviations
-    sure = estimate >= nd.threshold + margin
-    keep = estimate >= nd.threshold - 2 * margin
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    # exact similarity (on 64-bit n-gram hashes) for the texts of the pairs in between only
-    unsure = np.unique(np.concatenate([left[keep & ~sure], right[keep & ~sure]])).tolist()
-    grams = dict(zip(unsure, distinct_ngram_hashes([text_of(k) for k in unsure], nd.ngram)))
-
-    def jaccard(i: int, j: int) -> float:
-        common = np.intersect1d(grams[i], grams[j], assume_unique=True).size
-        return common / (grams[i].size + grams[j].size - common)
-
-    for i, j, certain in zip(left[keep].tolist(), right[keep].tolist(), sure[keep].tolist()):
-        ri, rj = root(i), root(j)
-        if ri != rj and (certain or jaccard(i, j) >= nd.threshold):
-            parent[max(ri, rj)] = min(ri, rj)
-    return [root(i) for i in range(n)]
+    unsure = np.flatnonzero((estimate >= nd.threshold - 2 * margin) & (estimate < nd.threshold + margin))
+    exact = np.zeros(len(unsure))
+    if len(unsure):  # exact similarity on 64-bit n-gram hashes, each pair's first text hashed once
+        bounds = np.flatnonzero(np.concatenate([[True], left[unsure][1:] != left[unsure][:-1], [True]]))
+        data, offsets = utf8_buffers(texts)
+        jaccard_into(data, offsets, nd.ngram, left[unsure], right[unsure], bounds, exact)
+    joined = estimate >= nd.threshold + margin
+    joined[unsure] = exact >= nd.threshold
+    graph = coo_matrix((np.ones(joined.sum(), dtype=np.int8), (left[joined], right[joined])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    _, first_of_component = np.unique(component, return_index=True)
+    return first_of_component[component]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -822,19 +828,18 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
     nd = p.near_duplicates
     near_groups = 0
     if nd.enabled and len(kept) > 1:  # 4: near-duplicates
-        texts = facts["near_duplicate_text"].gather(kept).to_arrow()
-        sigs = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed)
-        roots = near_duplicate_groups(sigs, lambda k: texts[k].as_py(), nd)
-        members = Counter(roots)
-        near_groups = sum(1 for c in members.values() if c > 1)
+        roots = near_duplicate_groups(facts["near_duplicate_text"].gather(kept).to_arrow(), nd)
+        members = np.bincount(roots, minlength=len(roots))
+        near_groups = int((members > 1).sum())
         if nd.action == "drop":
-            drop(["near_duplicate" if r != k else None for k, r in enumerate(roots)],
-                 [{"duplicate_of": record_of(int(kept[r]))["source"]} if r != k else None for k, r in enumerate(roots)])
+            flags, extra = [None] * len(kept), [None] * len(kept)
+            for k in np.flatnonzero(roots != np.arange(len(roots))).tolist():
+                flags[k], extra[k] = "near_duplicate", {"duplicate_of": record_of(int(kept[roots[k]]))["source"]}
+            drop(flags, extra)
         else:
-            ids = facts["id"]
-            for k, r in enumerate(roots):
-                if members[r] > 1:
-                    added[int(kept[k])] = {"group": ids[int(kept[r])]}
+            grouped = np.flatnonzero(members[roots] > 1)
+            for i, group in zip(kept[grouped].tolist(), facts["id"].gather(kept[roots[grouped]]).to_list()):
+                added[i] = {"group": group}
     lap("near_duplicates")
 
     conflicts, flags = [], [None] * len(kept)  # 5: conflicting answers

@@ -356,6 +356,25 @@ def test_minhash_signatures_are_datasketchs():
         assert list(sig) == list(m.hashvalues), text
 
 
+
+def test_exact_jaccard_is_that_of_the_ngram_sets():
+    import numpy as np
+
+    from stages.clean import jaccard_into, utf8_buffers
+
+    def grams(text: str) -> set[str]:
+        return {text[i:i + 5] for i in range(len(text) - 4)} if len(text) >= 5 else {text}
+
+    texts = ["高血压患者能吃党参吗？我有高血压", "高血压患者能吃党参吗？我有低血压", "abcabcabcabcabc", "abcabcabcabcabd",
+             "What is ibuprofen used for?", "what is ibuprofen used for??", "abc", "abc", "café 😀 naïve", "cafe 😀 naive"]
+    left, right = np.array([0, 0, 0, 2, 4, 6, 8]), np.array([1, 2, 4, 3, 5, 7, 9])
+    out = np.zeros(len(left))
+    data, offsets = utf8_buffers(texts)
+    jaccard_into(data, offsets, 5, left, right, np.array([0, 3, 4, 5, 6, 7]), out)  # pairs grouped by left
+    expected = [len(grams(texts[i]) & grams(texts[j])) / len(grams(texts[i]) | grams(texts[j])) for i, j in zip(left, right)]
+    assert out.tolist() == pytest.approx(expected, abs=1e-12)
+    assert {0.0, 1.0} < set(expected)  # disjoint, equal and partly shared sets
+
 def test_token_bounds_use_the_base_tokenizer(pipeline):
     rows = [chat("What is aspirin?", "A pain reliever. " * 40, 1), chat("What is aspirin for?", "Pain.", 2)]
     result = clean_records(rows, CleanParams(max_tokens=60, min_tokens=4, tokenizer=str(pipeline / "models/base")))
