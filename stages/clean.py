@@ -327,9 +327,26 @@ def placeholder_regex(texts: Iterable[str]) -> str | None:
 def with_folded(frame: pl.DataFrame) -> pl.DataFrame:
     """The frame with each text's lower-cased copy beside it (messages[].folded, text_folded): the
     keys of duplicates and questions compare case-folded text."""
-    content = pl.element().struct.field("content")
-    return frame.with_columns(pl.col("messages").list.eval(pl.element().struct.with_fields(
-        content.str.to_lowercase().alias("folded"))), pl.col("text").str.to_lowercase().alias("text_folded"))
+    messages = as_array(frame["messages"].to_arrow(compat_level=pl.CompatLevel.newest()))  # views stay views
+    turns = messages.values
+    folded = as_array(lower_cased(pl.from_arrow(turns.field("content"))).to_arrow(compat_level=pl.CompatLevel.newest()))
+    turns = pa.StructArray.from_arrays([turns.field("role"), turns.field("content"), folded], ["role", "content", "folded"])
+    return frame.with_columns(pl.from_arrow(type(messages).from_arrays(messages.offsets, turns)).alias("messages"),
+                              lower_cased(frame["text"]).alias("text_folded"))
+
+
+def lower_cased(texts: pl.Series) -> pl.Series:
+    """texts.str.to_lowercase(), lowering only the texts with a character that lower-casing changes:
+    polars lowers a CJK text as slowly as any other, and most of them have none."""
+    # unassigned (Cn) too: characters newer than the regex tables, which to_lowercase may know
+    cased = texts.str.contains(r"[\p{Changes_When_Lowercased}\p{Cn}]").fill_null(False)
+    if not cased.any():
+        return texts
+    return texts.clone().scatter(np.flatnonzero(cased.to_numpy()), texts.filter(cased).str.to_lowercase())
+
+
+def as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:

@@ -357,6 +357,17 @@ def test_minhash_signatures_are_datasketchs():
 
 
 
+
+def test_lower_cased_is_polars_lowercase_for_every_character():
+    import polars as pl
+
+    from stages.clean import lower_cased
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    texts = pl.Series(chars + ["ΟΔΟΣ ΟΔΟΣ", "İstanbul", "高血压 ABC", "无", None, ""])  # final sigma, a two-character lowering
+    assert lower_cased(texts).equals(texts.str.to_lowercase())
+    assert lower_cased(pl.Series(["高血压", None])).to_list() == ["高血压", None]
+
 def test_exact_jaccard_is_that_of_the_ngram_sets():
     import numpy as np
 
