@@ -325,13 +325,13 @@ def placeholder_regex(texts: Iterable[str]) -> str | None:
 
 
 def with_folded(frame: pl.DataFrame) -> pl.DataFrame:
-    """The frame with each text's lower-cased copy beside it (messages[].folded, text_folded): the
-    keys of duplicates and questions compare case-folded text."""
+    """The frame with its texts lower-cased beside them: folded_turns (messages as [{role, folded}])
+    and text_folded. The keys of duplicates and questions compare case-folded text."""
     messages = as_array(frame["messages"].to_arrow(compat_level=pl.CompatLevel.newest()))  # views stay views
     turns = messages.values
     folded = as_array(lower_cased(pl.from_arrow(turns.field("content"))).to_arrow(compat_level=pl.CompatLevel.newest()))
-    turns = pa.StructArray.from_arrays([turns.field("role"), turns.field("content"), folded], ["role", "content", "folded"])
-    return frame.with_columns(pl.from_arrow(type(messages).from_arrays(messages.offsets, turns)).alias("messages"),
+    turns = pa.StructArray.from_arrays([turns.field("role"), folded], ["role", "folded"])
+    return frame.with_columns(pl.from_arrow(type(messages).from_arrays(messages.offsets, turns)).alias("folded_turns"),
                               lower_cased(frame["text"]).alias("text_folded"))
 
 
@@ -355,7 +355,8 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     lengths in characters, and the texts near-duplicates and tokens are measured on."""
     frame = with_folded(frame)
     E = pl.element()
-    role, content, folded = E.struct.field("role"), E.struct.field("content"), E.struct.field("folded")
+    role, content = E.struct.field("role"), E.struct.field("content")
+    folded_turns = pl.col("folded_turns")
     msgs, text, text_folded, tools = pl.col("messages"), pl.col("text"), pl.col("text_folded"), pl.col("tools_json")
     rejected = pl.col("rejected").struct.field("content")
     is_text = text.is_not_null()
@@ -408,17 +409,15 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
 
     file, sheet = pl.col("source").struct.field("file"), pl.col("source").struct.field("sheet")
     prompt = pl.when(is_text).then("\x00text\x00" + text_folded).otherwise(  # records.prompt_key
-        msgs.list.eval(E.filter(role == "user").struct.field("folded")).list.join("\n"))
+        folded_turns.list.eval(E.filter(role == "user").struct.field("folded")).list.join("\n"))
     answer = pl.when(is_text).then(text).otherwise(last_content)  # what passes ends with the answer
-    answer_folded = pl.when(is_text).then(text_folded).otherwise(last.struct.field("folded"))
+    answer_folded = pl.when(is_text).then(text_folded).otherwise(folded_turns.list.last().struct.field("folded"))
     system = msgs.list.eval(E.filter(role == "system").struct.field("content")).list.first().fill_null("")
     columns = [
         "row", "id", reason.alias("reason"),
         pl.when(sheet.is_not_null()).then(file + "#" + sheet).otherwise(file).alias("label"),
         # exact duplicates: the same roles and lower-cased texts, tools and rejected answer
-        pl.concat_str([msgs.list.eval(role + "\x1f" + folded).list.join("\x1e"),
-                       text_folded.fill_null("\x00"), tools.fill_null("\x00"), rejected.fill_null("\x00")],
-                      separator="\x1d").hash().alias("duplicate_key"),
+        pl.struct(folded_turns, text_folded, tools, rejected).hash().alias("duplicate_key"),
         # the same system prompt and question with other answers (chats without a rejected answer)
         pl.when(chat & rejected.is_null()).then((system + "\x00" + prompt).hash()).alias("conflict_key"),
         answer_folded.hash().alias("answer_key"),
