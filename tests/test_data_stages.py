@@ -340,6 +340,23 @@ def test_duplicates_near_duplicates_and_conflicts():
     assert dropped["metrics"]["rejected_by_reason"] == {"conflicting_answer": 3}  # rows 1, 2 and 4
 
 
+
+@pytest.mark.parametrize("order", ["source first", "messages first", "nested messages key first"])
+def test_reports_name_sources_whatever_the_key_order(order):
+    """clean parses only a line's start for a source that comes before the messages (as ingest
+    writes records); any other layout must give the same sources."""
+    rows = [chat("What is ibuprofen?", "A painkiller.", 1), chat("what is ibuprofen?", "a painkiller.", 2),
+            chat("What is ibuprofen?", "An NSAID.", 3)]
+    if order == "messages first":
+        rows = [{"messages": r["messages"], "meta": {"source": {"file": "wrong"}}, "id": "", "source": r["source"]} for r in rows]
+    elif order == "nested messages key first":
+        rows = [{"id": "", "meta": {"messages": [], "source": {"file": "wrong"}}, "source": r["source"], "messages": r["messages"]}
+                for r in rows]
+    result = clean_records(rows, CleanParams())
+    assert [r["duplicate_of"] for r in result["rejected"]] == [{"file": "t.jsonl", "row": 1}]
+    assert result["conflicts"] == [{"question": "what is ibuprofen?", "rows": [
+        {"file": "t.jsonl", "row": 1, "id": "", "answer": "A painkiller."}, {"file": "t.jsonl", "row": 3, "id": "", "answer": "An NSAID."}]}]
+
 def test_minhash_signatures_are_datasketchs():
     from datasketch import MinHash
 
@@ -456,6 +473,82 @@ def test_xtuner_format_of_tool_conversations(workdir):
                                                   {"input": "21C", "output": "It is 21C."}]}
 
 
+def test_xtuner_lines_are_orjson_dumps_of_to_xtuner(tmp_path):
+    """split builds xtuner's lines column-wise (polars writes the JSON), to_xtuner only for unusual
+    conversations: each line is byte for byte orjson.dumps(to_xtuner(record))."""
+    import numpy as np
+
+    from stages.records import write_records
+    from stages.split import Rows, to_xtuner
+
+    def m(role: str, content: str, **extra) -> dict:
+        return {"role": role, "content": content, **extra}
+
+    tricky = ["", 'say "hi"', "back\\slash \\u0041", "ctl \x00\x01\x08\t\n\x0b\x0c\r\x1f \x7f", "\u2028\u2029 😀 𝄞",
+              "中文，全角！", "</script>", "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000)]
+    conversations = [[m("user", q), m("assistant", a)] for q, a in zip(tricky, reversed(tricky))] + [
+        [m("system", "be brief " + tricky[3]), m("user", "q"), m("assistant", "a"), m("user", "q2"), m("assistant", "a2")],
+        [m("system", ""), m("user", "q"), m("assistant", "a")],  # an empty system prompt: no "system" key
+        [m("system", "s")], [],  # no exchange at all
+        [m("user", "weather?"), m("assistant", '{"name": "w"}', tool_calls=[{"name": "w", "arguments": {}}]),
+         m("tool", "21C"), m("assistant", "It is 21C.")],
+        [m("system", "s"), m("user", "a"), m("user", "b"), m("assistant", "c")],  # consecutive user turns
+        [m("assistant", "hi"), m("user", "q"), m("assistant", "a")],
+        [m("user", "q"), m("assistant", "a"), m("user", "dangling")],
+        [m("user", "q"), m("system", "late"), m("assistant", "a")],
+        [m("system", "s1"), m("system", "s2"), m("user", "q"), m("assistant", "a")]]
+    records = [{"id": str(n), "source": {"file": "t.jsonl", "row": n}, "messages": c, "meta": {}}
+               for n, c in enumerate(conversations)]
+    records.append({"id": "t", "source": {"file": "c.txt", "row": 1}, "messages": [], "meta": {}, "text": "a chunk"})
+    write_records(tmp_path / "records.jsonl", records)
+    lines = Rows(str(tmp_path / "records.jsonl"), None).xtuner(np.arange(len(records))).to_pylist()
+    assert lines == [orjson.dumps(to_xtuner(r)).decode() + "\n" for r in records]
+
+
+def test_split_ranks_prompt_keys_as_python_orders_them(tmp_path):
+    """split compares prompt keys (records.prompt_key: str.casefold) and group names by their ranks
+    in sorted order: the same ranks as Python's sort gives the strings."""
+    import polars as pl
+
+    from stages.records import prompt_key, write_records
+    from stages.split import Rows, casefolded
+
+    texts = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000] + ["Straße ΣΑΣ", "İstanbul ǅ ﬁ"]
+    assert casefolded(pl.Series(texts)).to_list() == [t.casefold() for t in texts]
+
+    prompts = ["b", "B", "a", "", "ß", "SS", "ss", "Straße", "STRASSE", "ǅ", "ǆ", "Σ", "σ", "ς", "İ", "i̇", "ﬁ", "FI",
+               "\x00", "\x00group\x00g", "😀", "\uffff", "\U0010ffff", "é", "É", "ꭰ", "Ꭰ", "中", "a\nb", "A\nB"]
+    records = [chat(q, "answer", n, group="g" if n % 3 else "") for n, q in enumerate(prompts)]
+    records[-1]["messages"] = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+                               {"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]
+    records.append({"id": "", "source": {"file": "c.txt", "row": 1}, "messages": [], "meta": {}, "text": "Corpus"})
+    write_records(tmp_path / "records.jsonl", records)
+    rows = Rows(str(tmp_path / "records.jsonl"), None)
+    names = [prompt_key(r) for r in records[:-1]] + ["\x00group\x00" + r["group"] for r in records if r.get("group")]
+    ranks = rows.prompt[:-1].tolist() + rows.group[rows.group >= 0].tolist()
+    assert ranks == [sorted(set(names)).index(name) for name in names]
+    assert rows.prompt[-1] == -1 and rows.group[-1] == -1 and rows.chat.tolist() == [True] * len(prompts) + [False]
+
+
+def test_split_strata_of_fields_that_are_not_text(workdir):
+    """A stratify field that is a number, a boolean, an object or missing: its str(), as split.field has it."""
+    from collections import Counter
+
+    from stages.split import field
+
+    values = [1, 2.50, True, None, "x", {"a": 1}, [1], "missing"]
+    records = [chat(f"question {i}?", f"answer {i}", i, meta={} if values[i % 8] == "missing" else {"level": values[i % 8]})
+               for i in range(160)]
+    split_rows(workdir, records, stratify="meta.level")
+    metrics = json.loads((workdir / "metrics/split.json").read_text())
+    assert metrics["strata"] == dict(sorted(Counter(field(r, "meta.level") for r in records).items()))
+    assert set(metrics["strata"]) == {"1", "2.5", "True", "None", "x", "{'a': 1}", "[1]"}
+    for r in records:
+        r["meta"]["kind"] = None if r["source"]["row"] % 4 == 0 else "k"  # text, or null: "None"
+    split_rows(workdir, records, stratify="meta.kind")
+    assert json.loads((workdir / "metrics/split.json").read_text())["strata"] == {"None": 40, "k": 120}
+
+
 # ----------------------------------------------------------------------------------------------
 # the LLM judge, against a small OpenAI-compatible server of our own
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +633,7 @@ def test_alpaca_sheet_and_one_workbook_listed_twice(workdir):
 
 
 # ----------------------------------------------------------------------------------------------
-# large inputs: ingest, clean and split spread their per-row work over worker processes
+# large inputs: ingest spreads its per-row work over worker processes (clean and split work on columns)
 # ----------------------------------------------------------------------------------------------
 def messy_rows(n: int) -> list[dict]:
     """ShareGPT rows with every kind of problem clean handles, and tool calls and pairs among them."""
@@ -566,12 +659,11 @@ def messy_rows(n: int) -> list[dict]:
 
 
 def run_data_stages(folder: Path, monkeypatch, min_share: int) -> dict[str, bytes]:
-    """ingest, clean, split with shares of at least min_share rows; every output file's bytes."""
+    """ingest (with shares of at least min_share rows), clean, split; every output file's bytes."""
     import functools
 
     import stages.ingest
     import stages.records
-    import stages.split
 
     shares = []
 
@@ -580,8 +672,7 @@ def run_data_stages(folder: Path, monkeypatch, min_share: int) -> dict[str, byte
         shares.append(len(results))
         return results
 
-    for module in (stages.ingest, stages.split):  # clean works column by column on all cores
-        monkeypatch.setattr(module, "in_forked_shares", functools.partial(counted))
+    monkeypatch.setattr(stages.ingest, "in_forked_shares", functools.partial(counted))
     for stage in ("ingest", "clean", "split"):
         run_stage(folder, stage)
     monkeypatch.undo()
@@ -602,7 +693,7 @@ def test_worker_processes_write_what_one_process_writes(tmp_path, monkeypatch, a
                               "clean": {"near_duplicates": {"action": action}}, "split": {"stratify": "meta.dept"}})
         outputs[name] = run_data_stages(folder, monkeypatch, min_share)
     one, workers = outputs["one"], outputs["workers"]
-    assert one.pop("shares") == [1, 1] and workers.pop("shares") == [2, 2]  # this machine: 2 cores or more
+    assert one.pop("shares") == [1] and workers.pop("shares") == [2]  # this machine: 2 cores or more
     assert set(one) == set(workers) and len(one) > 10
     for name in one:
         assert workers[name] == one[name], name
@@ -657,7 +748,7 @@ def test_workbook_rows_in_worker_processes(tmp_path, monkeypatch):
         wb.save(folder / "data/raw/qa.xlsx")
         write_params(folder, {"ingest": {"sources": [{"path": "data/raw/qa.xlsx"}]}})
         outputs[name] = run_data_stages(folder, monkeypatch, min_share)
-    assert outputs["one"].pop("shares") == [1, 1] and outputs["workers"].pop("shares") == [2, 2]
+    assert outputs["one"].pop("shares") == [1] and outputs["workers"].pop("shares") == [2]
     assert outputs["one"] == outputs["workers"]
     ingest = json.loads(outputs["one"]["metrics/ingest.json"])
     assert ingest["sources"]["data/raw/qa.xlsx"]["rows"] == 300 and ingest["sources"]["data/raw/qa.xlsx"]["blank_rows"] == 1
