@@ -40,11 +40,9 @@ import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pj
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import (no_cycle_collection, parse_record, prompt_key, read_file, record_id, spans_of_share,
+from stages.records import (line_spans, no_cycle_collection, parse_record, prompt_key, read_file, read_table, record_id,
                             with_keys, write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
@@ -712,40 +710,6 @@ def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter
 LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
-def line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(starts, ends, line numbers) of the non-blank lines of a JSON-lines file's bytes."""
-    buf, newlines = np.frombuffer(data, dtype=np.uint8), []
-    for lo in range(0, len(buf), 1 << 24):  # a piece at a time: no file-sized temporary array
-        newlines.append(np.flatnonzero(buf[lo:lo + (1 << 24)] == ord("\n")) + lo)
-    newlines = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
-    keep = ends > starts
-    for k in np.flatnonzero(keep)[np.isin(buf[starts[keep]], np.frombuffer(b" \t\r\f\v", dtype=np.uint8))]:
-        keep[k] = bool(data[starts[k]:ends[k]].strip())  # a line of spaces is blank too
-    return starts[keep], ends[keep], np.flatnonzero(keep) + 1
-
-
-def read_table(data: bytes, path: str, numbers: np.ndarray) -> pa.Table:
-    """The columns clean reads, for every line (Arrow's multi-threaded JSON reader)."""
-    if not len(numbers):
-        return RECORD_SCHEMA.empty_table()
-    try:
-        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20),
-                             parse_options=pj.ParseOptions(explicit_schema=RECORD_SCHEMA, unexpected_field_behavior="ignore"))
-    except pa.ArrowInvalid as e:  # name the first bad line as the line-by-line reader would
-        for start, end, number in spans_of_share(data, 0, len(data)):
-            parse_record(path, data[start:end], number)
-        raise StageError(f"{path}: not canonical records ({e})") from None
-    if table.num_rows != len(numbers):
-        raise StageError(f"{path}: {table.num_rows} records in {len(numbers)} lines (one record a line)")
-    broken = pc.or_(pc.is_null(table["messages"]), pc.is_null(pc.struct_field(table["source"], "file")))
-    if pc.any(broken).as_py():
-        bad = int(pc.index(broken, True).as_py())
-        parse_record(path, b"{}", int(numbers[bad]))  # raises: not a canonical record
-    return table
-
-
 def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None = None) -> dict:
     """Steps 1-6 over the records of a JSON-lines file's bytes. Returns kept [(row, keys added)],
     rejected [(row, keys added, reason)], line(row) (the row's line, fixed), conflicts, metrics,
@@ -758,7 +722,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
         clock = time.perf_counter()
 
     starts, ends, numbers = line_spans(data)
-    frame = pl.from_arrow(read_table(data, path, numbers)).with_row_index("row")
+    frame = pl.from_arrow(read_table(data, path, numbers, RECORD_SCHEMA)).with_row_index("row")
     n = frame.height
     lap("read")
 

@@ -9,15 +9,17 @@ Assistant messages that call a tool keep the call as JSON text in "content" (so 
 renders it) and structured in "tool_calls"; tool results are messages with role "tool".
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
-A stage that passes a record on unchanged writes back the line it read. ingest and split spread
-their per-row work over the cores (in_forked_shares), each worker reading its share of the file's
-lines where they lie in its bytes (spans_of_share); clean works on columns instead (stages/clean.py).
+A stage that passes a record on unchanged writes back the line it read. ingest spreads its per-row
+work over the cores (in_forked_shares), each worker reading its share of the file's lines where
+they lie in its bytes (spans_of_share); clean and split work on columns instead, which Arrow reads
+from all lines at once (line_spans, read_table).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import hashlib
+import mmap
 import os
 import pickle
 import tempfile
@@ -26,7 +28,11 @@ from array import array
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from stages.common import StageError, atomic_path
 
@@ -95,6 +101,16 @@ def read_file(path: str | Path) -> bytes:
     return path.read_bytes()
 
 
+def map_file(path: str | Path) -> bytes | mmap.mmap:
+    """read_file's bytes, mapped rather than read: the page cache's copy, read-only (slices are
+    bytes). A large file costs no copy, nor the page faults of as much fresh memory."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return read_file(path)  # raises if missing; an empty file can't be mapped
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def line_start(data: bytes, pos: int) -> int:
     """Where the first line that starts at or after byte pos starts (len(data) if none does)."""
     if pos <= 0:
@@ -155,6 +171,42 @@ def read_records(path: str | Path) -> Iterator[dict]:
     data = read_file(path)
     view = memoryview(data)
     return (parse_record(path, view[start:end], number) for start, end, number in spans_of_share(data, 0, len(data)))
+
+
+def line_spans(data: bytes | mmap.mmap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, line numbers) of the non-blank lines of a JSON-lines file's bytes."""
+    buf, newlines = np.frombuffer(data, dtype=np.uint8), []
+    for lo in range(0, len(buf), 1 << 24):  # a piece at a time: no file-sized temporary array
+        newlines.append(np.flatnonzero(buf[lo:lo + (1 << 24)] == ord("\n")) + lo)
+    newlines = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
+    keep = ends > starts
+    for k in np.flatnonzero(keep)[np.isin(buf[starts[keep]], np.frombuffer(b" \t\r\f\v", dtype=np.uint8))]:
+        keep[k] = bool(data[starts[k]:ends[k]].strip())  # a line of spaces is blank too
+    return starts[keep], ends[keep], np.flatnonzero(keep) + 1
+
+
+def read_table(data: bytes | mmap.mmap, path: str | Path, numbers: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """The columns of `schema` (which has source.file and messages) for every line, by Arrow's
+    multi-threaded JSON reader; numbers: the lines' numbers (line_spans), for errors."""
+    if not len(numbers):
+        return schema.empty_table()
+    try:
+        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20),
+                             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+    except pa.ArrowInvalid as e:  # name the first bad line as the line-by-line reader would
+        data = bytes(data)  # (a memory map has no count())
+        for start, end, number in spans_of_share(data, 0, len(data)):
+            parse_record(path, data[start:end], number)
+        raise StageError(f"{path}: not canonical records ({e})") from None
+    if table.num_rows != len(numbers):
+        raise StageError(f"{path}: {table.num_rows} records in {len(numbers)} lines (one record a line)")
+    broken = pc.or_(pc.is_null(table["messages"]), pc.is_null(pc.struct_field(table["source"], "file")))
+    if pc.any(broken).as_py():
+        bad = int(pc.index(broken, True).as_py())
+        parse_record(path, b"{}", int(numbers[bad]))  # raises: not a canonical record
+    return table
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> int:

@@ -7,22 +7,31 @@ near-duplicates stay in one part, so the test set never scores a question the mo
 on; the leakage count is a metric and must be 0. Optionally stratified by a field (e.g.
 meta.question_type), each stratum split by the same ratios. Continued-pretraining text chunks go
 to corpus.jsonl. Every record in is in exactly one output: train, val, test, corpus or mixed_out.
-Records are written as the bytes clean wrote; a large file is parsed by one worker per core.
+Records are written as the bytes clean wrote.
+How: Arrow reads the fields split needs from all lines at once; prompt keys and xtuner's lines are
+polars column expressions, and groups, strata and parts are numpy arrays of each key's rank in
+sorted order (ranks compare as the keys do). Python does only what columns can't: case-folding the
+keys str.casefold changes, conversations of unusual shape (tool turns, two user turns in a row),
+the seeded shuffles and samples, and a stratify field that is not always text.
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
+import mmap
 import random
-import tempfile
-from array import array
-from collections import Counter, defaultdict
+import sys
 from pathlib import Path
-import orjson
+from typing import Callable
 
-from stages.common import Params, StageError, load_params, run_stage, write_json
-from stages.records import (Lines, in_forked_shares, no_cycle_collection, parse_record, prompt_key, read_file,
-                            shown, source_label, spans_of_share, with_keys, write_lines_to)
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.records import line_spans, map_file, no_cycle_collection, read_table, with_keys, write_lines_to
 
 
 class Mix(Params):
@@ -47,66 +56,211 @@ def field(record: dict, path: str) -> str:
     return str(value)
 
 
+TEXT = pa.string_view()  # polars takes string views without a copy
+MESSAGES = pa.list_(pa.struct([("role", TEXT), ("content", TEXT)]))
+
+
+def record_schema(stratify: str | None) -> pa.Schema | None:
+    """What split reads of a record, with the stratify field as text; None where the field's path
+    runs into messages, text or group, or ends at an object (whose str() Arrow can't give)."""
+    fields = {"source": {"file": TEXT, "sheet": TEXT}, "messages": MESSAGES, "text": TEXT, "group": TEXT}
+    if stratify:
+        *parents, leaf = stratify.split(".")
+        node = fields
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return None
+        if node.setdefault(leaf, TEXT) is not TEXT:
+            return None
+
+    def arrow(node: dict) -> pa.StructType:
+        return pa.struct([(k, arrow(v) if isinstance(v, dict) else v) for k, v in node.items()])
+
+    return pa.schema(arrow(fields))
+
+
+def arrow_ints(values: np.ndarray) -> pa.Int64Array:
+    """numpy integers as an Arrow array, without a copy (pa.array would import pandas to look at
+    them: a fifth of a second)."""
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def lines_array(data: bytes | mmap.mmap, starts: np.ndarray, ends: np.ndarray) -> pa.LargeBinaryArray:
+    """The lines as an Arrow array, each with its newline: the file's own bytes where its lines
+    follow one another (one record a line, a newline at the end), else a copy."""
+    if len(starts) and np.array_equal(starts[1:], ends[:-1] + 1) and ends[-1] < len(data):
+        offsets = np.append(starts, ends[-1] + 1)
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(starts),
+                                                [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.array([data[start:end] + b"\n" for start, end in zip(starts.tolist(), ends.tolist())], pa.large_binary())
+
+
+def write_rows(path: Path, rows: np.ndarray, lines: Callable[[np.ndarray], pa.Array]) -> None:
+    """Write the rows' lines to a new file, atomically, a few thousand rows at a time (lines(rows):
+    an Arrow array of large binary or large strings, each with its newline). Small pieces stay in
+    the CPU's caches, and their memory is reused: fresh memory is slow to get."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for lo in range(0, len(rows), 8192):
+            piece = lines(rows[lo:lo + 8192])
+            offsets = np.frombuffer(piece.buffers()[1], dtype=np.int64)
+            f.write(piece.buffers()[2][offsets[0]:offsets[len(piece)]])
+
+
+@functools.cache
+def casefold_changes() -> str:
+    """A regex class of the characters str.casefold changes (from Python's own tables)."""
+    changed = []
+    for lo in range(0, sys.maxunicode + 1, 256):
+        block = "".join(map(chr, range(lo, lo + 256)))
+        if block.casefold() != block:
+            changed += [c for c in range(lo, lo + 256) if chr(c).casefold() != chr(c)]
+    return "[" + "".join(f"\\x{{{c:x}}}" for c in changed) + "]"
+
+
+def casefolded(keys: pl.Series) -> pl.Series:
+    """Each key's str.casefold() (records.prompt_key's; polars can only lower-case), by Python for
+    the keys it changes."""
+    at = keys.str.contains(casefold_changes()).fill_null(False).arg_true()
+    return keys.scatter(at, [key.casefold() for key in keys.gather(at).to_list()])
+
+
+def ranks(values: pl.Series) -> np.ndarray:
+    """Each value's rank in sorted order (0, 1, ...; equal values, equal ranks; -1 for null): polars
+    sorts strings by their UTF-8 bytes, which is Python's order of str."""
+    present = values.is_not_null().to_numpy()
+    ranked = np.full(len(values), -1, dtype=np.int64)
+    ranked[present] = values.filter(present).rank("dense").to_numpy() - 1
+    return ranked
+
+
+def codes(values: pl.Series) -> tuple[np.ndarray, list[str]]:
+    """values as indexes into the list of their distinct values."""
+    return ranks(values), values.unique().sort().to_list()
+
+
+def xtuner_conversations(messages: pl.Series) -> pl.DataFrame:
+    """Each row's conversation as to_xtuner makes it: the system prompt (or null) and the turns
+    [{input, output}, ...]. Conversations of the usual shape (an optional system prompt, then user
+    and assistant turns in turn) are taken apart column-wise, others by to_xtuner."""
+    flat = pl.from_arrow(messages.to_arrow(compat_level=pl.CompatLevel.newest()).flatten())
+    role, content = flat.struct.field("role"), flat.struct.field("content")
+    length = messages.list.len().to_numpy().astype(np.int64)
+    first = np.cumsum(length) - length
+    row_of = np.repeat(np.arange(len(messages)), length)
+
+    def is_role(name: str) -> np.ndarray:
+        return (role == name).fill_null(False).to_numpy()
+
+    system = np.zeros(len(messages), dtype=bool)
+    system[length > 0] = is_role("system")[first[length > 0]]
+    turn = np.arange(len(flat)) - (first + system)[row_of]  # a message's place after the system prompt
+    # out of place: not a user message at an even place, not an assistant's at an odd one, no content
+    wrong = (turn >= 0) & ~np.where(turn % 2 == 0, is_role("user"), is_role("assistant")) | content.is_null().to_numpy()
+    usual = ((length - system) % 2 == 0) & (np.bincount(row_of[wrong], minlength=len(messages)) == 0)
+
+    # the usual rows' turns: each user message (at an even place) and the answer after it
+    usual_rows, inputs = np.flatnonzero(usual), np.flatnonzero(usual[row_of] & (turn >= 0) & (turn % 2 == 0))
+    turns = pa.StructArray.from_arrays([content.gather(at).to_arrow(compat_level=pl.CompatLevel.newest())
+                                        for at in (inputs, inputs + 1)], ["input", "output"])
+    turn_offsets = np.concatenate([[0], np.cumsum((length - system)[usual_rows] // 2)])
+    conversation = pa.LargeListArray.from_arrays(arrow_ints(turn_offsets), turns)
+    system_prompt = pl.repeat(None, len(usual_rows), dtype=pl.String, eager=True).scatter(
+        np.flatnonzero(system[usual_rows]), content.gather(first[usual & system]))
+    frame = pl.DataFrame({"row": usual_rows, "system": system_prompt, "conversation": pl.from_arrow(conversation)})
+    other_rows = np.flatnonzero(~usual)
+    if len(other_rows):  # to_xtuner's turns; the system prompt comes out of the first
+        converted = [to_xtuner({"messages": m})["conversation"] for m in messages.gather(other_rows).to_list()]
+        others = pl.DataFrame({"row": other_rows, "system": [c[0].pop("system", None) if c else None for c in converted],
+                               "conversation": converted}, schema=frame.schema)
+        frame = pl.concat([frame, others]).sort("row")
+    return frame.drop("row")
+
+
+def xtuner_lines(conversations: pl.DataFrame) -> pa.LargeStringArray:
+    """The conversations in xtuner's format, each orjson.dumps(to_xtuner(record)) and a newline:
+    polars writes the JSON (its strings are orjson's, byte for byte)."""
+    has_system = (pl.col("system") != "") & (pl.col("conversation").list.len() > 0)
+    with_system = pl.concat_str([pl.lit('{"conversation":['), pl.struct("system").struct.json_encode().str.head(-1),
+                                 pl.lit(","), pl.col("line").str.slice(len('{"conversation":[{'))])
+    return (conversations.with_columns(pl.struct("conversation").struct.json_encode().alias("line"))
+            .select(pl.concat_str([pl.when(has_system).then(with_system).otherwise(pl.col("line")), pl.lit("\n")]))
+            .to_series().to_arrow(compat_level=pl.CompatLevel.oldest()))
+
+
 class Rows:
-    """What split needs of each cleaned record, one list per fact (row i is line i of the file):
-    the line (written out as read), source label, prompt key, near-duplicate group, stratum and
-    the line in xtuner's format. Records are parsed in worker processes, one share of the file
-    each; the lines stay where they are in the file's bytes, xtuner's lines in a part file per
-    worker, and only positions and the short facts come back."""
+    """What split needs of each cleaned record, one array per fact (row i is line i of the file):
+    the line (written out as read), whether it is a chat (not a text chunk), source label, prompt
+    key and near-duplicate group (as ranks: see groups_of), stratum, and the conversation in
+    xtuner's terms (xtuner(rows) gives the rows' lines in its format)."""
 
-    def __init__(self, path: str, stratify: str | None, parts: str):
-        data = read_file(path)
+    def __init__(self, path: str, stratify: str | None):
+        data = map_file(path)
+        starts, ends, numbers = line_spans(data)
+        self.lines = lines_array(data, starts, ends)
+        schema = record_schema(stratify)
+        try:
+            table = read_table(data, path, numbers, schema or record_schema(None))
+        except StageError:
+            if schema is None or not stratify:
+                raise
+            # the stratify field is not always text (a number, an object): Python reads it below
+            schema, table = None, read_table(data, path, numbers, record_schema(None))
+        frame = pl.from_arrow(table)
 
-        def facts(lo: int, hi: int) -> tuple[array, array, list[tuple], str, array]:
-            starts, ends, out, same = array("q"), array("q"), [], {}  # same: one object per label or stratum
-            view, xtuner_ends = memoryview(data), array("q")
-            with tempfile.NamedTemporaryFile(dir=parts, delete=False) as xtuner:
-                for start, end, number in shown(spans_of_share(data, lo, hi), lo, hi, "split"):
-                    record = parse_record(path, view[start:end], number)
-                    starts.append(start)
-                    ends.append(end)
-                    label = source_label(record)
-                    label = same.setdefault(label, label)
-                    if record.get("text") is not None:
-                        out.append((label, None, None, None))
-                    else:
-                        stratum = field(record, stratify) if stratify else ""
-                        out.append((label, prompt_key(record), record.get("group") or None,
-                                    same.setdefault(stratum, stratum)))
-                        xtuner.write(orjson.dumps(to_xtuner(record)))
-                    xtuner_ends.append(xtuner.tell())  # a text chunk has no xtuner line: an empty span
-            return starts, ends, out, xtuner.name, xtuner_ends
+        E, source, chat = pl.element(), pl.col("source"), pl.col("text").is_null()
+        file, sheet = source.struct.field("file"), source.struct.field("sheet")
+        users = pl.col("messages").list.eval(E.filter(E.struct.field("role") == "user").struct.field("content"))
+        facts = frame.select(chat.alias("chat"), pl.when(sheet.is_not_null()).then(file + "#" + sheet).otherwise(file)
+                             .alias("label"), pl.when(chat).then(users.list.join("\n")).alias("prompt"),
+                             pl.when(chat & (pl.col("group") != "")).then("\x00group\x00" + pl.col("group")).alias("group"))
+        self.chat = facts["chat"].to_numpy()
+        self.label, self.labels = codes(facts["label"])
+        # prompt keys and group names ranked together: a prompt key equal to a group's name is that group
+        keys = ranks(pl.concat([casefolded(facts["prompt"]), facts["group"]]))
+        self.prompt, self.group = keys[:len(frame)], keys[len(frame):]
+        if not stratify:
+            stratum = pl.repeat("", len(frame), eager=True)
+        elif schema is not None:  # as field() has it: str(None) for null or missing
+            first, *rest = stratify.split(".")
+            stratum = functools.reduce(lambda e, part: e.struct.field(part), rest, pl.col(first))
+            stratum = frame.select(stratum.fill_null("None")).to_series()
+        else:
+            stratum = pl.Series([field(orjson.loads(line.as_py()), stratify) for line in self.lines], dtype=pl.String)
+        self.stratum, self.strata = codes(stratum)
+        self.conversations = xtuner_conversations(frame["messages"])
 
-        shares = in_forked_shares(len(data), facts, min_share=8_000_000)
-        self.lines = Lines(data, (x for share in shares for x in share[0]), (x for share in shares for x in share[1]))
-        rows = [row for share in shares for row in share[2]]
-        self.label, self.prompt, self.group, self.stratum = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
-        # xtuner lines: spans in the workers' part files, one after the other
-        parts_read = [Path(share[3]).read_bytes() for share in shares]
-        offsets = [sum(map(len, parts_read[:k])) for k in range(len(shares))]
-        xtuner_ends = array("q", (offset + end for offset, share in zip(offsets, shares) for end in share[4]))
-        xtuner_starts = array("q", [0]) + xtuner_ends[:-1] if xtuner_ends else array("q")
-        self.xtuner = Lines(b"".join(parts_read), xtuner_starts, xtuner_ends)
+    def lines_of(self, rows: np.ndarray) -> pa.LargeBinaryArray:
+        return self.lines.take(arrow_ints(rows))
+
+    def xtuner(self, rows: np.ndarray) -> pa.LargeStringArray:
+        return xtuner_lines(self.conversations[rows])
+
+    def per_source(self, rows: np.ndarray) -> dict[str, int]:
+        counts = np.bincount(self.label[rows], minlength=len(self.labels))
+        return dict(sorted((self.labels[code], int(n)) for code, n in enumerate(counts) if n))
 
 
-def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list[int], list[int], dict]:
+def mix(rows: Rows, chats: np.ndarray, rules: list[Mix], seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Apply caps and shares per source to the chat rows; returns (kept, left out, achieved rows per rule)."""
     rng = random.Random(seed)
-    chosen: dict[int, list[int]] = {}
-    claimed: set[int] = set()
+    chosen: dict[int, np.ndarray] = {}
+    claimed = np.zeros(len(chats), dtype=bool)
     for n, rule in enumerate(rules):
         if (rule.max_rows is None) == (rule.share is None):
             raise StageError(f"params.yaml: split.mix[{n}] ({rule.source}): set exactly one of max_rows and share")
         if rule.share is not None and not 0 < rule.share < 1:
             raise StageError(f"params.yaml: split.mix[{n}].share must be between 0 and 1")
         # positions in `chats`, so the seeded sample is the same whatever else is in the file
-        members = [k for k, i in enumerate(chats) if k not in claimed and fnmatch.fnmatch(rows.label[i], rule.source)]
-        if not members:
+        matching = [code for code, label in enumerate(rows.labels) if fnmatch.fnmatch(label, rule.source)]
+        members = np.flatnonzero(np.isin(rows.label[chats], matching) & ~claimed)
+        if not len(members):
             raise StageError(f"params.yaml: split.mix[{n}]: no cleaned records from '{rule.source}'")
-        claimed.update(members)
+        claimed[members] = True
         chosen[n] = members
-    others = len(chats) - len(claimed)
-    keep: set[int] = set(range(len(chats))) - claimed
+    others = len(chats) - int(claimed.sum())
+    keep = ~claimed
     for n, rule in enumerate(rules):
         members = chosen[n]
         if rule.max_rows is not None:
@@ -114,33 +268,32 @@ def mix(rows: Rows, chats: list[int], rules: list[Mix], seed: int) -> tuple[list
         else:  # share s of the whole: n = s / (1 - s) * (everything else)
             target = min(len(members), round(rule.share / (1 - rule.share) * (others + sum(
                 min(r.max_rows, len(chosen[m])) for m, r in enumerate(rules) if r.max_rows is not None))))
-        keep.update(sorted(rng.sample(members, target)))
-    kept = [i for k, i in enumerate(chats) if k in keep]
-    left = [i for k, i in enumerate(chats) if k not in keep]
-    achieved = {rule.source: sum(1 for k in chosen[n] if k in keep) for n, rule in enumerate(rules)}
-    return kept, left, achieved
+        keep[rng.sample(members.tolist(), target)] = True
+    achieved = {rule.source: int(keep[chosen[n]].sum()) for n, rule in enumerate(rules)}
+    return chats[keep], chats[~keep], achieved
 
 
-def groups_of(rows: Rows, chats: list[int]) -> dict[str, list[int]]:
-    """Rows joined by the same prompt or the same near-duplicate group (union-find), keyed by
-    the smallest prompt key in the group."""
-    parent: dict[str, str] = {}
+def groups_of(rows: Rows, chats: np.ndarray) -> np.ndarray:
+    """Each chat row's group: rows joined by the same prompt or the same near-duplicate group
+    (union-find), named by the smallest prompt key or group name in it (as its rank)."""
+    prompt, group = rows.prompt[chats], rows.group[chats]
+    parent = list(range(max(rows.prompt.max(initial=0), rows.group.max(initial=0)) + 1))
 
-    def root(k: str) -> str:
-        while parent.setdefault(k, k) != k:
+    def root(k: int) -> int:
+        while parent[k] != k:
             parent[k] = parent[parent[k]]
             k = parent[k]
         return k
 
-    for i in chats:
-        if rows.group[i]:
-            a, b = root(rows.prompt[i]), root("\x00group\x00" + rows.group[i])
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i in chats:
-        groups[root(rows.prompt[i])].append(i)
-    return groups
+    grouped = group >= 0
+    for a, b in zip(prompt[grouped].tolist(), group[grouped].tolist()):
+        a, b = root(a), root(b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = np.array(parent)
+    while not np.array_equal(roots[roots], roots):  # every name straight to its root
+        roots = roots[roots]
+    return roots[prompt]
 
 
 def to_xtuner(record: dict) -> dict:
@@ -172,50 +325,54 @@ def main() -> None:
         raise StageError("params.yaml: split.val_ratio + split.test_ratio must be between 0 and 1")
 
     with no_cycle_collection():
-        with tempfile.TemporaryDirectory(prefix="tunepipe-split-") as parts:
-            rows = Rows(args.records, p.stratify, parts)
-        corpus = [i for i, prompt in enumerate(rows.prompt) if prompt is None]
-        chats = [i for i, prompt in enumerate(rows.prompt) if prompt is not None]
-        chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, [], {})
+        rows = Rows(args.records, p.stratify)
+        corpus, chats = np.flatnonzero(~rows.chat), np.flatnonzero(rows.chat)
+        chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, chats[:0], {})
 
-        groups = groups_of(rows, chats)
-        strata: dict[str, list[str]] = defaultdict(list)
-        for key, members in groups.items():
-            strata[rows.stratum[members[0]]].append(key)
+        names = groups_of(rows, chats)
+        groups, first = np.unique(names, return_index=True)  # each group's name, and its first row
+        stratum_of = rows.stratum[chats[first]]
+        strata = {rows.strata[s]: groups[stratum_of == s] for s in np.unique(stratum_of).tolist()}
         small = [s for s, keys in strata.items() if len(keys) < p.min_stratum]
         if p.stratify and len(small) > 1:
-            strata["(pooled small strata)"] = [k for s in small for k in strata.pop(s)]
-        parts: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+            strata["(pooled small strata)"] = np.concatenate([strata.pop(s) for s in small])
+        parts: dict[str, list[int]] = {"test": [], "val": [], "train": []}
         for stratum in sorted(strata):
-            keys = sorted(strata[stratum])
+            keys = np.sort(strata[stratum]).tolist()
             random.Random(p.seed).shuffle(keys)
             n_test, n_val = round(len(keys) * p.test_ratio), round(len(keys) * p.val_ratio)
             parts["test"] += keys[:n_test]
             parts["val"] += keys[n_test:n_test + n_val]
             parts["train"] += keys[n_test + n_val:]
-        splits = {name: [i for k in keys for i in groups[k]] for name, keys in parts.items()}
+        # the parts' rows: group after group in the parts' order, a group's rows in file order
+        sequence = np.array([name for keys in parts.values() for name in keys], dtype=np.int64)
+        place = np.zeros(names.max(initial=-1) + 1, dtype=np.int64)
+        place[sequence] = np.arange(len(sequence))
+        ordered = chats[np.argsort(place[names], kind="stable")]
+        size = np.bincount(names, minlength=len(place))  # rows per group
+        splits = dict(zip(parts, np.split(ordered, np.cumsum([size[keys].sum() for keys in parts.values()])[:-1])))
         if min(map(len, splits.values())) == 0:
             raise StageError(f"{args.records}: too few records ({len(chats)}) for a train/val/test split "
                              f"with val_ratio {p.val_ratio} and test_ratio {p.test_ratio}")
 
         out = Path(args.out)
         for name, members in splits.items():
-            write_lines_to(out / f"{name}.jsonl", (rows.lines[i] for i in members))
-        write_lines_to(out / "corpus.jsonl", (rows.lines[i] for i in corpus))
-        write_lines_to(out / "mixed_out.jsonl", (with_keys(rows.lines[i], {"reason": "mixed_out"}) for i in mixed_out))
+            write_rows(out / f"{name}.jsonl", members, rows.lines_of)
+        write_rows(out / "corpus.jsonl", corpus, rows.lines_of)
+        write_lines_to(out / "mixed_out.jsonl", (with_keys(rows.lines[i].as_py(), {"reason": "mixed_out"})
+                                                 for i in mixed_out.tolist()))
         for name in ("train", "val"):  # xtuner's own format
-            write_lines_to(out / "xtuner" / f"{name}.jsonl", (rows.xtuner[i] for i in splits[name]))
+            write_rows(out / "xtuner" / f"{name}.jsonl", splits[name], rows.xtuner)
 
         # leakage, counted independently of how the split was made
-        train_prompts = {rows.prompt[i] for i in splits["train"]}
-        train_groups = {rows.group[i] for i in splits["train"] if rows.group[i]}
-        leakage = sum(rows.prompt[i] in train_prompts or (rows.group[i] in train_groups)
-                      for i in splits["test"] + splits["val"])
+        train, held_out = splits["train"], np.concatenate([splits["test"], splits["val"]])
+        train_groups = rows.group[train][rows.group[train] >= 0]
+        leakage = int((np.isin(rows.prompt[held_out], rows.prompt[train])
+                       | np.isin(rows.group[held_out], train_groups)).sum())
         assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) == len(rows.lines), "split lost rows"
         metrics = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "leakage_rows": leakage,
                    "corpus_rows": len(corpus), "mixed_out_rows": len(mixed_out),
-                   "rows_per_source": {name: dict(sorted(Counter(rows.label[i] for i in v).items()))
-                                       for name, v in splits.items()}}
+                   "rows_per_source": {name: rows.per_source(v) for name, v in splits.items()}}
         if achieved:
             metrics["mix"] = {src: {"rows": n, "share": round(n / max(1, len(chats)), 4)}
                               for src, n in achieved.items()}
