@@ -752,3 +752,23 @@ def test_workbook_rows_in_worker_processes(tmp_path, monkeypatch):
     assert outputs["one"] == outputs["workers"]
     ingest = json.loads(outputs["one"]["metrics/ingest.json"])
     assert ingest["sources"]["data/raw/qa.xlsx"]["rows"] == 300 and ingest["sources"]["data/raw/qa.xlsx"]["blank_rows"] == 1
+
+
+def test_ingest_workers_keep_sources_in_order(tmp_path, monkeypatch):
+    """Each source's first share goes straight into the output and its workers' shares after it:
+    with several sources, the output is still one source after another, as one process writes it."""
+    from stages.records import write_records
+
+    outputs = {}
+    for name, min_share in (("one", 10**9), ("workers", 50)):
+        folder = tmp_path / name
+        (folder / "data/raw").mkdir(parents=True)
+        write_records(folder / "data/raw/chat.jsonl", messy_rows(300))
+        (folder / "data/raw/qa.csv").write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(200)))
+        write_params(folder, {"ingest": {"sources": [{"path": "data/raw/chat.jsonl"}, {"path": "data/raw/qa.csv"}]}})
+        outputs[name] = run_data_stages(folder, monkeypatch, min_share)
+    assert outputs["one"].pop("shares") == [1, 1] and outputs["workers"].pop("shares") == [2, 2]
+    assert outputs["one"] == outputs["workers"]
+    records = [orjson.loads(line) for line in outputs["one"]["data/ingested/records.jsonl"].splitlines()]
+    assert [(r["source"]["file"], r["source"]["row"]) for r in records] == (
+        [("data/raw/chat.jsonl", n) for n in range(1, 301)] + [("data/raw/qa.csv", n) for n in range(2, 202)])
