@@ -714,12 +714,18 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
     """Steps 1-6 over the records of a JSON-lines file's bytes. Returns kept [(row, keys added)],
     rejected [(row, keys added, reason)], line(row) (the row's line, fixed), conflicts, metrics,
     the lengths histogram and seconds by phase."""
+    from tqdm import tqdm
+
     seconds, clock = {}, time.perf_counter()
+    progress = tqdm(total=7 + (p.min_tokens > 0 or p.max_tokens is not None), desc="clean", unit=" steps",
+                    disable=None, leave=False)  # on a terminal: which step it is on
 
     def lap(phase: str) -> None:
         nonlocal clock
         seconds[phase] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
+        progress.update()
+        progress.set_postfix_str(f"{phase.replace('_', ' ')} done")
 
     starts, ends, numbers = line_spans(data)
     frame = pl.from_arrow(read_table(data, path, numbers, RECORD_SCHEMA)).with_row_index("row")
@@ -917,6 +923,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
             row[name.removesuffix("_chars")] = count
     assert metrics["rows_in"] == n, "clean lost rows"
     lap("judge_and_data_card")
+    progress.close()
     return {"kept": [(i, added.get(i)) for i in kept.tolist()], "rejected": rejected, "line": line, "lines": lines,
             "conflicts": conflicts, "metrics": metrics, "histogram": histogram, "seconds": seconds}
 

@@ -24,7 +24,6 @@ import os
 import pickle
 import tempfile
 import traceback
-from array import array
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -133,39 +132,6 @@ def spans_of_share(data: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, in
         pos, number = end + 1, number + 1
 
 
-def shown(spans: Iterable[tuple[int, int, int]], lo: int, hi: int, what: str) -> Iterator[tuple[int, int, int]]:
-    """spans_of_share's spans with a progress bar in bytes, on a terminal, for the first share
-    (the one the parent process works on; the other workers keep the same pace)."""
-    if lo != 0:
-        yield from spans
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=hi - lo, unit="B", unit_scale=True, desc=f"{what} (first of {cores()} shares)",
-              disable=None, leave=False, mininterval=0.5) as bar:
-        done = 0
-        for n, span in enumerate(spans):
-            if n % 4096 == 0:
-                bar.update(span[0] - done)
-                done = span[0]
-            yield span
-        bar.update(hi - done)
-
-
-class Lines:
-    """Lines of a file's bytes by their spans: line i is data[starts[i]:ends[i]]."""
-
-    def __init__(self, data: bytes, starts: Iterable[int], ends: Iterable[int]):
-        self.view = memoryview(data)
-        self.starts, self.ends = array("q", starts), array("q", ends)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> memoryview:
-        return self.view[self.starts[i]:self.ends[i]]
-
-
 def read_records(path: str | Path) -> Iterator[dict]:
     """Canonical records from a JSON-lines file written by an earlier stage."""
     data = read_file(path)
@@ -229,11 +195,13 @@ def write_lines(f, lines: Iterable[bytes | memoryview]) -> int:
     for line in lines:
         buffer.append(line)
         if len(buffer) >= 4096:
-            f.write(b"\n".join(buffer) + b"\n")
+            f.write(b"\n".join(buffer))
+            f.write(b"\n")  # not `block + b"\n"`: that copies the whole block again
             n += len(buffer)
             buffer.clear()
     if buffer:
-        f.write(b"\n".join(buffer) + b"\n")
+        f.write(b"\n".join(buffer))
+        f.write(b"\n")
     return n + len(buffer)
 
 
@@ -299,10 +267,3 @@ def in_forked_shares(n: int, work: Callable[[int, int], T], min_share: int = 20_
             raise value
         results.append(value)
     return results
-
-
-def source_label(record: dict) -> str:
-    """The input a record came from, as metrics name it: its file (and sheet, where one workbook
-    is listed more than once in ingest.sources)."""
-    source = record["source"]
-    return f"{source['file']}#{source['sheet']}" if "sheet" in source else source["file"]
