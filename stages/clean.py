@@ -456,7 +456,9 @@ def token_counts(texts: list[str], tokenizer_dir: str) -> list[int]:
 def utf8_buffers(texts: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The texts' UTF-8 bytes one after the other, and offsets (text i is data[offsets[i]:offsets[i + 1]]):
     Arrow's buffers, for the compiled loops below."""
-    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())
+    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts
+    if array.type != pa.large_string():  # a copy of every text: a caller with two loops casts once
+        array = array.cast(pa.large_string())
     _, offsets, data = array.buffers()
     offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
     return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)), offsets
@@ -608,6 +610,7 @@ def near_duplicate_groups(texts: list[str] | pa.Array, nd: NearDuplicates) -> np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    texts = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())  # once
     permutations = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed).T  # contiguous rows
     n = permutations.shape[1]
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
