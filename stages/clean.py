@@ -17,8 +17,9 @@ The data card: metrics (counts by source and reason, fixes, redactions, lengths)
 plots/lengths.csv (a histogram of prompt and answer lengths in characters).
 How: Arrow reads every record's texts in one multi-threaded pass and polars checks all rows at once
 (the rules of step 2 and the keys of steps 3-5 are column expressions); the Python text fixes run
-only on texts a regex says a fix might change (a few percent), MinHash signatures come from a
-compiled loop (numba) over the texts' bytes. Records written unchanged are the bytes that were read.
+only on texts a regex says a fix might change (a few percent); MinHash signatures and the exact
+similarity of near-duplicate candidates come from compiled loops (numba) over the texts' bytes.
+Records written unchanged are the bytes that were read.
 """
 from __future__ import annotations
 
