@@ -341,6 +341,17 @@ def test_duplicates_near_duplicates_and_conflicts():
 
 
 
+
+def test_tools_are_part_of_the_duplicate_key():
+    """The same conversation offering other tools is another record; offering the same ones, a duplicate."""
+    weather = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    clock = [{"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}}]
+    rows = [chat("What time is it?", "Let me check.", 1, tools=weather), chat("What time is it?", "Let me check.", 2, tools=clock),
+            chat("What time is it?", "Let me check.", 3, tools=weather), chat("What time is it?", "Let me check.", 4)]
+    result = clean_records(rows, CleanParams(near_duplicates={"enabled": False}))
+    assert {r["source"]["row"]: r["reason"] for r in result["rejected"]} == {3: "duplicate"}
+    assert [r["source"]["row"] for r in result["kept"]] == [1, 2, 4]
+
 @pytest.mark.parametrize("order", ["source first", "messages first", "nested messages key first"])
 def test_reports_name_sources_whatever_the_key_order(order):
     """clean parses only a line's start for a source that comes before the messages (as ingest
