@@ -43,7 +43,8 @@ import polars as pl
 import pyarrow as pa
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import (line_spans, no_cycle_collection, parse_record, prompt_key, read_file, read_table, record_id,
+from stages.columns import line_spans, lines_array, read_table
+from stages.records import (no_cycle_collection, parse_record, prompt_key, read_file, record_id,
                             with_keys, write_lines_to, write_records)
 
 # ----------------------------------------------------------------------------------------------
@@ -454,12 +455,17 @@ def token_counts(texts: list[str], tokenizer_dir: str) -> list[int]:
 
 
 
+def large_strings(texts: list[str] | pa.Array) -> pa.LargeStringArray:
+    """The texts as Arrow large strings (a copy of them unless they are already)."""
+    if isinstance(texts, list):
+        return pa.array(texts, pa.large_string())
+    return texts if texts.type == pa.large_string() else texts.cast(pa.large_string())
+
+
 def utf8_buffers(texts: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The texts' UTF-8 bytes one after the other, and offsets (text i is data[offsets[i]:offsets[i + 1]]):
     Arrow's buffers, for the compiled loops below."""
-    array = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts
-    if array.type != pa.large_string():  # a copy of every text: a caller with two loops casts once
-        array = array.cast(pa.large_string())
+    array = large_strings(texts)
     _, offsets, data = array.buffers()
     offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
     return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)), offsets
@@ -611,7 +617,7 @@ def near_duplicate_groups(texts: list[str] | pa.Array, nd: NearDuplicates) -> np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    texts = pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts.cast(pa.large_string())  # once
+    texts = large_strings(texts)  # once, for both compiled loops
     permutations = minhash_signatures(texts, nd.ngram, nd.num_perm, nd.seed).T  # contiguous rows
     n = permutations.shape[1]
     lsh = MinHashLSH(threshold=nd.threshold, num_perm=nd.num_perm)
@@ -752,10 +758,9 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
             .fill_null(False)).to_series().to_numpy()
     else:
         flagged = np.zeros(n, dtype=bool)
-    if n:  # each line as a view of the file's bytes, up to the next line's start: polars searches them
-        lines = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(np.append(starts, len(data))),
-                                                                        pa.py_buffer(data)])
-        flagged |= on_all_cores(pl.from_arrow(lines), lambda line: line.bin.contains(b'"tools":')).to_numpy()
+    if n:
+        lines = pl.from_arrow(lines_array(data, starts, ends))
+        flagged |= on_all_cores(lines, lambda line: line.bin.contains(b'"tools":')).to_numpy()
     fixer, fixed_lines, lane = TextFixer(p), {}, []
     for k in np.flatnonzero(flagged).tolist():
         record = parse_record(path, data[starts[k]:ends[k]], int(numbers[k]))
@@ -873,11 +878,11 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
               .group_by("conflict_key", maintain_order=True)
               .agg(pl.col("position"), pl.col("answer_key").n_unique().alias("answers"))
               .filter(pl.col("answers") > 1))
-    members = groups["position"].to_list()  # each question's rows, as positions in kept
-    rows = kept[np.concatenate(members)].tolist() if members else []
+    questions = groups["position"].to_list()  # each question's rows, as positions in kept
+    rows = kept[np.concatenate(questions)].tolist() if questions else []
     ids, answers = (facts[name].gather(rows).to_list() for name in ("id", "answer"))
     at = 0
-    for positions in members:
+    for positions in questions:
         group = range(at, at + len(positions))
         conflicts.append({"question": prompt_key(record_of(rows[at]))[:500], "rows": [
             {**source_of(rows[n]), "id": ids[n], "answer": answers[n][:300]} for n in group]})

@@ -11,8 +11,7 @@ renders it) and structured in "tool_calls"; tool results are messages with role 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
 A stage that passes a record on unchanged writes back the line it read. ingest spreads its per-row
 work over the cores (in_forked_shares), each worker reading its share of the file's lines where
-they lie in its bytes (spans_of_share); clean and split work on columns instead, which Arrow reads
-from all lines at once (line_spans, read_table).
+they lie in its bytes (spans_of_share); clean and split work on columns instead (stages/columns.py).
 """
 from __future__ import annotations
 
@@ -27,11 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pj
 
 from stages.common import StageError, atomic_path
 
@@ -137,42 +132,6 @@ def read_records(path: str | Path) -> Iterator[dict]:
     data = read_file(path)
     view = memoryview(data)
     return (parse_record(path, view[start:end], number) for start, end, number in spans_of_share(data, 0, len(data)))
-
-
-def line_spans(data: bytes | mmap.mmap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(starts, ends, line numbers) of the non-blank lines of a JSON-lines file's bytes."""
-    buf, newlines = np.frombuffer(data, dtype=np.uint8), []
-    for lo in range(0, len(buf), 1 << 24):  # a piece at a time: no file-sized temporary array
-        newlines.append(np.flatnonzero(buf[lo:lo + (1 << 24)] == ord("\n")) + lo)
-    newlines = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
-    keep = ends > starts
-    for k in np.flatnonzero(keep)[np.isin(buf[starts[keep]], np.frombuffer(b" \t\r\f\v", dtype=np.uint8))]:
-        keep[k] = bool(data[starts[k]:ends[k]].strip())  # a line of spaces is blank too
-    return starts[keep], ends[keep], np.flatnonzero(keep) + 1
-
-
-def read_table(data: bytes | mmap.mmap, path: str | Path, numbers: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """The columns of `schema` (which has source.file and messages) for every line, by Arrow's
-    multi-threaded JSON reader; numbers: the lines' numbers (line_spans), for errors."""
-    if not len(numbers):
-        return schema.empty_table()
-    try:
-        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20),
-                             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
-    except pa.ArrowInvalid as e:  # name the first bad line as the line-by-line reader would
-        data = bytes(data)  # (a memory map has no count())
-        for start, end, number in spans_of_share(data, 0, len(data)):
-            parse_record(path, data[start:end], number)
-        raise StageError(f"{path}: not canonical records ({e})") from None
-    if table.num_rows != len(numbers):
-        raise StageError(f"{path}: {table.num_rows} records in {len(numbers)} lines (one record a line)")
-    broken = pc.or_(pc.is_null(table["messages"]), pc.is_null(pc.struct_field(table["source"], "file")))
-    if pc.any(broken).as_py():
-        bad = int(pc.index(broken, True).as_py())
-        parse_record(path, b"{}", int(numbers[bad]))  # raises: not a canonical record
-    return table
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
-import mmap
 import random
 import sys
 from pathlib import Path
@@ -31,7 +30,8 @@ import polars as pl
 import pyarrow as pa
 
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
-from stages.records import line_spans, map_file, no_cycle_collection, read_table, with_keys, write_lines_to
+from stages.columns import line_spans, lines_array, read_table
+from stages.records import map_file, no_cycle_collection, with_keys, write_lines_to
 
 
 class Mix(Params):
@@ -85,16 +85,6 @@ def arrow_ints(values: np.ndarray) -> pa.Int64Array:
     them: a fifth of a second)."""
     values = np.ascontiguousarray(values, dtype=np.int64)
     return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
-
-
-def lines_array(data: bytes | mmap.mmap, starts: np.ndarray, ends: np.ndarray) -> pa.LargeBinaryArray:
-    """The lines as an Arrow array, each with its newline: the file's own bytes where its lines
-    follow one another (one record a line, a newline at the end), else a copy."""
-    if len(starts) and np.array_equal(starts[1:], ends[:-1] + 1) and ends[-1] < len(data):
-        offsets = np.append(starts, ends[-1] + 1)
-        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(starts),
-                                                [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-    return pa.array([data[start:end] + b"\n" for start, end in zip(starts.tolist(), ends.tolist())], pa.large_binary())
 
 
 def write_rows(path: Path, rows: np.ndarray, lines: Callable[[np.ndarray], pa.Array]) -> None:
