@@ -12,7 +12,8 @@ The stages run as `dvc repro` runs them (`python -m stages.NAME`, one fresh proc
 params.yaml's clean rules, files in and out), in a temporary folder. Next to them, in the same run, the tutorial-style baseline:
 pandas read (read_excel / read_json) + iterrows + json.dump per row. An untimed warm-up on 2,000
 rows first (numba compiles clean's kernels once per checkout), and beside each figure the fixed
-costs no stage code saves (interpreter start with imports, reading the input alone). A benchmark,
+costs no stage code saves (interpreter start with imports, reading the input alone, near-duplicates'
+MinHash signatures alone): their sum is the most rows/s any stage code could reach. A benchmark,
 not a test: it prints figures and exits 0.
 """
 from __future__ import annotations
@@ -127,6 +128,34 @@ def run_stages(folder: Path, source: dict, near_duplicates: bool = True) -> dict
             "split": json.loads((folder / "metrics/split.json").read_text())}
 
 
+def minhash_cost(texts: list[str]) -> dict:
+    """Seconds for clean's MinHash signatures of `texts` alone (params.yaml's near_duplicates
+    settings, both cores), in a fresh process: loading the compiled kernel from numba's cache (with
+    datasketch, which gives the permutations), then the signatures. The part of the near-duplicate
+    step no LSH or exact check can save, as long as near-duplicates are MinHash."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    script = """if True:
+        import sys, time, yaml, pyarrow.feather as feather
+        from stages.clean import minhash_signatures
+        nd = yaml.safe_load(open("params.yaml"))["clean"]["near_duplicates"]
+        texts = feather.read_table(sys.argv[1], memory_map=True)["text"].combine_chunks()
+        start = time.perf_counter()
+        minhash_signatures(texts[:100], nd["ngram"], nd["num_perm"], nd["seed"])
+        loaded = time.perf_counter()
+        minhash_signatures(texts, nd["ngram"], nd["num_perm"], nd["seed"])
+        print(loaded - start, time.perf_counter() - loaded)
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "texts.arrow"
+        feather.write_feather(pa.table({"text": pa.array(texts, pa.large_string())}), path, compression="uncompressed")
+        done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    load, signatures = map(float, done.stdout.split())
+    return {"load": load, "signatures": signatures}
+
+
 def fixed_costs(path: Path) -> dict:
     """What no stage code can save: a fresh interpreter importing each stage (three processes, as
     dvc runs them), and reading the input file alone (python-calamine for a workbook, Arrow's
@@ -187,6 +216,11 @@ def report(name: str, n: int, result: dict, base: tuple[int, float], target: int
     print(f"  fixed costs: starting the 3 stages' interpreters with their imports {sum(fixed['imports'].values()):.1f} s "
           f"{ {k: round(v, 2) for k, v in fixed['imports'].items()} }, reading the input alone {fixed['read_input']:.1f} s"
           f" -> {floor:.1f} s = {n / floor:,.0f} rows/s before any work")
+    if "minhash" in fixed:
+        floor += sum(fixed["minhash"].values())
+        print(f"  + near-duplicates' MinHash alone: loading the compiled kernel {fixed['minhash']['load']:.2f} s, "
+              f"the signatures {fixed['minhash']['signatures']:.2f} s -> {floor:.1f} s = {n / floor:,.0f} rows/s "
+              f"at most, before any conversion, check, key, split or write")
     print(f"  baseline (pandas + iterrows + json.dump, {base[0]:,} rows): {base[1]:.1f} s = {base_rate:,.0f} rows/s"
           f" -> pipeline {n / total / base_rate:.1f}x")
     c = result["clean"]
@@ -217,6 +251,8 @@ def main() -> None:
         print(f"built {tmp / 'qa.xlsx'} ({args.xlsx_rows:,} rows, {(tmp / 'qa.xlsx').stat().st_size / 1e6:.1f} MB) and "
               f"chat.jsonl ({args.jsonl_rows:,} rows, {(tmp / 'chat.jsonl').stat().st_size / 1e6:.0f} MB) "
               f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        # the texts near-duplicates compare (question, answer), for the MinHash part of the floor
+        near_texts = [f"{q}\n{a}" for q, a, _ in data[:max(args.xlsx_rows, args.jsonl_rows)]]
         del data
 
         figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -228,21 +264,26 @@ def main() -> None:
         start = time.perf_counter()
         run_stages(warm_up, {"path": str(warm_up / "sample.jsonl")}, not args.without_near_duplicates)
         print(f"warm-up on 2,000 rows (compiles clean's numba kernels where not cached yet): {time.perf_counter() - start:.1f} s")
-        for name, file, source, target, limit in (
-                ("xlsx", "qa.xlsx", {"path": str(tmp / "qa.xlsx")}, 50_000, None),
-                ("jsonl", "chat.jsonl", {"path": str(tmp / "chat.jsonl")}, 80_000, args.baseline_jsonl_rows)):
+        for name, file, source, target, limit, n_rows in (
+                ("xlsx", "qa.xlsx", {"path": str(tmp / "qa.xlsx")}, 50_000, None, args.xlsx_rows),
+                ("jsonl", "chat.jsonl", {"path": str(tmp / "chat.jsonl")}, 80_000, args.baseline_jsonl_rows,
+                 args.jsonl_rows)):
             base = baseline(tmp / file, tmp / f"baseline-{name}.jsonl", limit)
             folder = tmp / f"run-{name}"
             folder.mkdir()
             result = run_stages(folder, source, not args.without_near_duplicates)
             fixed = fixed_costs(tmp / file)
+            if not args.without_near_duplicates:
+                fixed["minhash"] = minhash_cost(near_texts[:n_rows])
             n = result["clean"]["rows_in"]
             report(name, n, result, base, target, fixed)
             figures[name] = {"rows": n, "seconds": {k: round(v, 2) for k, v in result["seconds"].items()},
                              "rows_per_s": round(n / sum(result["seconds"].values())), "target_rows_per_s": target,
                              "baseline_rows_per_s": round(base[0] / base[1]), "clean_printed": result["printed"]["clean"],
                              "fixed_costs_s": {"imports": {k: round(v, 2) for k, v in fixed["imports"].items()},
-                                               "read_input": round(fixed["read_input"], 2)},
+                                               "read_input": round(fixed["read_input"], 2),
+                                               **({"minhash": {k: round(v, 2) for k, v in fixed["minhash"].items()}}
+                                                  if "minhash" in fixed else {})},
                              "load_average": round(os.getloadavg()[0], 2)}
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2) + "\n")
