@@ -128,38 +128,37 @@ def run_stages(folder: Path, source: dict, near_duplicates: bool = True) -> dict
             "split": json.loads((folder / "metrics/split.json").read_text())}
 
 
-def minhash_cost(texts: list[str]) -> dict:
-    """Seconds for clean's MinHash signatures of `texts` alone (params.yaml's near_duplicates
-    settings, both cores), in a fresh process: loading the compiled kernel from numba's cache (with
-    datasketch, which gives the permutations), then the signatures. The part of the near-duplicate
-    step no LSH or exact check can save, as long as near-duplicates are MinHash."""
+def write_near_duplicate_texts(path: Path, data: list[tuple[str, str, str]]) -> None:
+    """The texts near-duplicates compare (question and answer), for the MinHash part of the floor:
+    written once, so the timed runs don't share the machine with a million Python strings."""
     import pyarrow as pa
     import pyarrow.feather as feather
 
-    script = """if True:
-        import sys, time, yaml, pyarrow.feather as feather
-        from stages.clean import minhash_signatures
-        nd = yaml.safe_load(open("params.yaml"))["clean"]["near_duplicates"]
-        texts = feather.read_table(sys.argv[1], memory_map=True)["text"].combine_chunks()
-        start = time.perf_counter()
-        minhash_signatures(texts[:100], nd["ngram"], nd["num_perm"], nd["seed"])
-        loaded = time.perf_counter()
-        minhash_signatures(texts, nd["ngram"], nd["num_perm"], nd["seed"])
-        print(loaded - start, time.perf_counter() - loaded)
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "texts.arrow"
-        feather.write_feather(pa.table({"text": pa.array(texts, pa.large_string())}), path, compression="uncompressed")
-        done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    load, signatures = map(float, done.stdout.split())
-    return {"load": load, "signatures": signatures}
+    texts = pa.array((f"{q}\n{a}" for q, a, _ in data), pa.large_string())
+    feather.write_feather(pa.table({"text": texts}), path, compression="uncompressed")
 
 
-def fixed_costs(path: Path) -> dict:
+MINHASH_ALONE = """if True:
+    import sys, time, yaml, pyarrow.feather as feather
+    from stages.clean import minhash_signatures
+    nd = yaml.safe_load(open("params.yaml"))["clean"]["near_duplicates"]
+    texts = feather.read_table(sys.argv[1], memory_map=True)["text"].combine_chunks()[:int(sys.argv[2])]
+    start = time.perf_counter()
+    minhash_signatures(texts[:100], nd["ngram"], nd["num_perm"], nd["seed"])
+    loaded = time.perf_counter()
+    minhash_signatures(texts, nd["ngram"], nd["num_perm"], nd["seed"])
+    print(loaded - start, time.perf_counter() - loaded)
+"""
+
+
+def fixed_costs(path: Path, rows: int, near_duplicate_texts: Path | None) -> dict:
     """What no stage code can save: a fresh interpreter importing each stage (three processes, as
-    dvc runs them), and reading the input file alone (python-calamine for a workbook, Arrow's
-    multi-threaded reader for JSON lines)."""
+    dvc runs them), reading the input file alone (python-calamine for a workbook, Arrow's
+    multi-threaded reader for JSON lines) and, where near_duplicate_texts is given, clean's MinHash
+    signatures of the first `rows` of them alone (params.yaml's settings, both cores) in a fresh
+    process: loading the compiled kernel from numba's cache (with datasketch, which gives the
+    permutations), then the signatures. That is the part of the near-duplicate step no LSH or
+    exact check can save, as long as near-duplicates are MinHash."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     imports = {}
     for stage in ("ingest", "clean", "split"):
@@ -177,7 +176,13 @@ def fixed_costs(path: Path) -> dict:
 
         pj.read_json(path, read_options=pj.ReadOptions(block_size=16 << 20))
         pa.default_memory_pool().release_unused()
-    return {"imports": imports, "read_input": time.perf_counter() - start}
+    costs = {"imports": imports, "read_input": time.perf_counter() - start}
+    if near_duplicate_texts is not None:
+        done = subprocess.run([sys.executable, "-c", MINHASH_ALONE, str(near_duplicate_texts), str(rows)], cwd=REPO,
+                              env=env, capture_output=True, text=True, check=True)
+        load, signatures = map(float, done.stdout.split())
+        costs["minhash"] = {"load": load, "signatures": signatures}
+    return costs
 
 
 def baseline(path: Path, out: Path, limit: int | None = None) -> tuple[int, float]:
@@ -212,8 +217,9 @@ def report(name: str, n: int, result: dict, base: tuple[int, float], target: int
     for stage, seconds in s.items():
         print(f"  {stage:<7} {seconds:7.1f} s  {n / seconds:>10,.0f} rows/s   {result['printed'][stage][:150]}")
     print(f"  ingest+clean+split: {total:.1f} s = {n / total:,.0f} rows/s (target {target:,})")
-    floor = sum(fixed["imports"].values()) + fixed["read_input"]
-    print(f"  fixed costs: starting the 3 stages' interpreters with their imports {sum(fixed['imports'].values()):.1f} s "
+    imports = sum(fixed["imports"].values())
+    floor = imports + fixed["read_input"]
+    print(f"  fixed costs: starting the 3 stages' interpreters with their imports {imports:.1f} s "
           f"{ {k: round(v, 2) for k, v in fixed['imports'].items()} }, reading the input alone {fixed['read_input']:.1f} s"
           f" -> {floor:.1f} s = {n / floor:,.0f} rows/s before any work")
     if "minhash" in fixed:
@@ -251,8 +257,9 @@ def main() -> None:
         print(f"built {tmp / 'qa.xlsx'} ({args.xlsx_rows:,} rows, {(tmp / 'qa.xlsx').stat().st_size / 1e6:.1f} MB) and "
               f"chat.jsonl ({args.jsonl_rows:,} rows, {(tmp / 'chat.jsonl').stat().st_size / 1e6:.0f} MB) "
               f"in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-        # the texts near-duplicates compare (question, answer), for the MinHash part of the floor
-        near_texts = [f"{q}\n{a}" for q, a, _ in data[:max(args.xlsx_rows, args.jsonl_rows)]]
+        near_duplicate_texts = None if args.without_near_duplicates else tmp / "near-duplicate-texts.arrow"
+        if near_duplicate_texts:
+            write_near_duplicate_texts(near_duplicate_texts, data)
         del data
 
         figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -272,9 +279,7 @@ def main() -> None:
             folder = tmp / f"run-{name}"
             folder.mkdir()
             result = run_stages(folder, source, not args.without_near_duplicates)
-            fixed = fixed_costs(tmp / file)
-            if not args.without_near_duplicates:
-                fixed["minhash"] = minhash_cost(near_texts[:n_rows])
+            fixed = fixed_costs(tmp / file, n_rows, near_duplicate_texts)
             n = result["clean"]["rows_in"]
             report(name, n, result, base, target, fixed)
             figures[name] = {"rows": n, "seconds": {k: round(v, 2) for k, v in result["seconds"].items()},

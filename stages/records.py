@@ -52,16 +52,6 @@ def prompt_key(record: dict) -> str:
     return "\n".join([m["content"] for m in record["messages"] if m["role"] == "user"]).casefold()
 
 
-def answer_text(record: dict) -> str:
-    """The last assistant turn (the answer), or the text of a corpus chunk."""
-    if record.get("text") is not None:
-        return record["text"]
-    for m in reversed(record["messages"]):
-        if m["role"] == "assistant":
-            return m["content"]
-    return ""
-
-
 @contextlib.contextmanager
 def no_cycle_collection() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a stage holds all its records. Records are
