@@ -192,7 +192,7 @@ def run_project(path: str, samples: list[dict], p: TrainParams, args, device, n_
 
     reset_memory(device)
     torch.manual_seed(0)
-    model = build_model(path, None, p, device)
+    model = build_model(path, {"revision": None}, p, device)
     optimizer = make_optimizer(model, p, device)
     model.train()
     n_steps = args.warmup + args.steps * args.repeat

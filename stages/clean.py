@@ -449,8 +449,8 @@ def token_counts(texts: list[str], tokenizer_dir: str) -> list[int]:
     if not (Path(tokenizer_dir) / "manifest.json").exists():
         raise StageError(f"{tokenizer_dir}: no base model manifest; run the base stage first, or set "
                          "clean.min_tokens: 0 and clean.max_tokens: null")
-    path, revision = resolve_base(tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    path, load = resolve_base(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path, **load)
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 

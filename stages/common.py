@@ -124,9 +124,20 @@ def content_id(messages: list[dict]) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
-def resolve_base(base_dir: str | Path = "models/base") -> tuple[str, str | None]:
-    """Where to load the base model from: (path or hub id, revision) per the base stage's manifest."""
+def resolve_base(base_dir: str | Path = "models/base") -> tuple[str, dict]:
+    """Where to load the base model from, per the base stage's manifest: (path or hub id, the
+    keyword arguments every `from_pretrained` of it takes: revision and trust_remote_code)."""
     manifest = json.loads((Path(base_dir) / "manifest.json").read_text(encoding="utf-8"))
+    load = {"revision": None, "trust_remote_code": bool(manifest.get("trust_remote_code", False))}
     if manifest["source"] == "demo":
-        return str(base_dir), None
-    return manifest.get("local_path") or manifest["model_id"], manifest.get("revision")
+        return str(base_dir), load
+    return manifest.get("local_path") or manifest["model_id"], dict(load, revision=manifest.get("revision"))
+
+
+def pick_device(setting: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; anything else as given."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

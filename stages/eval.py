@@ -261,6 +261,8 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict])
         tokenizer_kwargs = {}
         if m.get("revision"):
             model_kwargs["revision"] = tokenizer_kwargs["revision"] = m["revision"]
+        if m.get("trust_remote_code"):
+            model_kwargs["trust_remote_code"] = tokenizer_kwargs["trust_remote_code"] = True
         entries.append(MODEL_ENTRY.format(
             abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
             tokenizer_kwargs=tokenizer_kwargs, stop=IM_END, max_seq_len=p.max_seq_len,
@@ -358,8 +360,8 @@ def main() -> None:
             if name == "base":
                 if not (Path(args.base) / "manifest.json").exists():
                     raise StageError(f"{args.base}/manifest.json: not found (run the base stage)")
-                path, revision = resolve_base(args.base)
-                models.append({"abbr": "base", "path": path, "revision": revision})
+                path, load = resolve_base(args.base)
+                models.append({"abbr": "base", "path": path, **load})
             elif name == "merged":
                 if not is_hf_model_dir(Path(args.merged)):
                     raise StageError(f"{args.merged}: not a Hugging Face model folder (config.json + *.safetensors)")

@@ -38,11 +38,11 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    path, revision = resolve_base(args.base)
+    path, load = resolve_base(args.base)
     if not Path(args.adapter, "adapter_config.json").exists():
         raise StageError(f"{args.adapter}: no adapter_config.json (run the train stage)")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, **load)
+    base = AutoModelForCausalLM.from_pretrained(path, **load, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, args.adapter).eval()
 
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in read_jsonl(args.val)[:p.check_rows]]

@@ -354,7 +354,7 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     return examples
 
 
-def build_model(path: str, revision: str | None, p: TrainParams, device):
+def build_model(path: str, load: dict, p: TrainParams, device):
     """The base model with fresh LoRA adapters, ready to train as p says."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -372,7 +372,7 @@ def build_model(path: str, revision: str | None, p: TrainParams, device):
         extra = {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)}
     attn = VARLEN if p.attn_implementation == "varlen" else p.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, attn_implementation=attn,
+    model = AutoModelForCausalLM.from_pretrained(path, **load, dtype=dtype, attn_implementation=attn,
                                                  **extra)
     if p.quantize == "none":
         model = model.to(device)
@@ -426,9 +426,9 @@ def train_hf(p: TrainParams, args) -> dict:
     random.seed(p.seed)
     torch.manual_seed(p.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path, revision = resolve_base(args.base)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = build_model(path, revision, p, device)
+    path, load = resolve_base(args.base)
+    tokenizer = AutoTokenizer.from_pretrained(path, **load)
+    model = build_model(path, load, p, device)
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

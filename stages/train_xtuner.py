@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                          "(hf backend only); set them back to their defaults or use train.backend=hf")
     if not (a.base / "manifest.json").is_file():
         raise StageError(f"{a.base}/manifest.json: not found (run the base stage first)")
-    base, revision = resolve_base(a.base)
+    base, load = resolve_base(a.base)
+    revision = load["revision"]
     train_convs = load_conversations(a.train)
     val_convs = load_conversations(a.val)
     if not train_convs:

@@ -29,7 +29,7 @@ def tiny(pipeline):
     conversations of the train split."""
     tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/base")
     torch.manual_seed(0)
-    model = build_model(str(pipeline / "models/base"), None, PLAIN, torch.device("cpu"))
+    model = build_model(str(pipeline / "models/base"), {"revision": None}, PLAIN, torch.device("cpu"))
     with torch.no_grad():
         for name, q in model.named_parameters():
             if "lora_B" in name:
@@ -63,7 +63,7 @@ def test_packed_varlen_loss_equals_unpacked_loss(tiny):
     cpu = torch.device("cpu")
     padded, _ = loss_and_grads(model, make_batch(examples, speed(pack=False), pad_id, cpu), speed(pack=False))
     varlen = speed(attn_implementation="varlen", loss_chunk_size=64, pack_tokens=1024)
-    model = build_model(str(model.get_base_model().name_or_path), None, varlen, cpu)
+    model = build_model(str(model.get_base_model().name_or_path), {"revision": None}, varlen, cpu)
     model.load_state_dict(tiny[0].state_dict())  # the same adapters
     batch = make_batch(examples, varlen, pad_id, cpu)
     assert batch["input_ids"].shape[0] < len(examples)  # really packed
