@@ -34,6 +34,8 @@ class BaseParams(Params):
     source: Literal["demo", "hf"] = "demo"
     model_id: str = ""              # hf: e.g. Qwen/Qwen2.5-0.5B-Instruct, or a local folder
     revision: str = "main"          # hf: pin a commit sha for reproducible runs
+    chat_template: str = ""         # hf: "" = the tokenizer's own; or a name in stages/chat_template.py
+                                    # TEMPLATES (for a base without one, e.g. Bloomz), or a .jinja file
     seed: int = 0
     demo: DemoModelParams = DemoModelParams()
 
@@ -136,8 +138,35 @@ def main() -> None:
                         "pretrain_final_loss": round(final_loss, 4), "chat_template": "chatml", "stop_token": IM_END}
         else:
             manifest = resolve_hub_model(p)
+            manifest["chat_template"] = write_tokenizer(manifest, p.chat_template, out)
         write_json(out / "manifest.json", manifest)
     print(f"base: {manifest}")
+
+
+def write_tokenizer(manifest: dict, chat_template: str, out: Path) -> str:
+    """The base tokenizer, with the chat template every later stage renders with, saved into the
+    base stage's out. Returns where the template came from."""
+    from transformers import AutoTokenizer
+
+    from stages.chat_template import TEMPLATES, TemplateError, stop_token_ids
+
+    source = manifest.get("local_path") or manifest["model_id"]
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=manifest.get("revision"),
+                                              trust_remote_code=manifest.get("trust_remote_code", False))
+    origin = "tokenizer"
+    if chat_template in TEMPLATES:
+        tokenizer.chat_template, origin = TEMPLATES[chat_template], chat_template
+    elif chat_template:
+        if not Path(chat_template).is_file():
+            raise StageError(f"params.yaml: base.chat_template: {chat_template!r} is neither a template name "
+                             f"({', '.join(sorted(TEMPLATES))}) nor a file")
+        tokenizer.chat_template, origin = Path(chat_template).read_text(encoding="utf-8"), chat_template
+    try:
+        stop_token_ids(tokenizer)
+    except TemplateError as e:
+        raise StageError(f"{source}: {e}") from None
+    tokenizer.save_pretrained(out)
+    return origin
 
 
 def resolve_hub_model(p: BaseParams) -> dict:

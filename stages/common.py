@@ -18,19 +18,15 @@ from typing import Any, Iterable, Iterator, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from stages.chat_template import TEMPLATES
+
 PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
 
-# One chat template for the whole pipeline (ChatML, as Qwen2 uses). The base tokenizer, the
-# training data, the merged model, lmdeploy's chat template and OpenCompass all render
-# conversations with it; tests/test_chat_template.py proves they agree token for token.
+# The demo model's chat template (ChatML, as Qwen2 uses). Real base models bring their own;
+# stages/chat_template.py is the one place that knows the formats.
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 STOP_TOKEN = IM_END
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = TEMPLATES["chatml"]
 
 
 def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -132,6 +128,16 @@ def resolve_base(base_dir: str | Path = "models/base") -> tuple[str, dict]:
     if manifest["source"] == "demo":
         return str(base_dir), load
     return manifest.get("local_path") or manifest["model_id"], dict(load, revision=manifest.get("revision"))
+
+
+def load_base_tokenizer(base_dir: str | Path = "models/base"):
+    """The base tokenizer with the chat template the pipeline uses: the base stage writes it into
+    its out (with base.chat_template applied), so every stage renders conversations alike."""
+    from transformers import AutoTokenizer
+
+    path, load = resolve_base(base_dir)
+    return AutoTokenizer.from_pretrained(base_dir if (Path(base_dir) / "tokenizer_config.json").exists() else path,
+                                         **load)
 
 
 def pick_device(setting: str) -> str:

@@ -5,7 +5,8 @@ Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it
 
 1. Read the test split and keep, per conversation, everything up to its final assistant turn.
    The model is asked for that turn given the earlier ones (system prompt included), rendered with
-   the model's own chat template (ChatML, stop token <|im_end|>), exactly as in training.
+   the base model's own chat template (the one in models/base), stopping at its end-of-turn
+   token (stages/chat_template.py), exactly as in training.
 2. Prepare each model OpenCompass should run: base (models/base, or the hub model its manifest
    pins), merged (models/merged) and the W4A16 AWQ artifact made for lmdeploy's TurboMind
    (models/turbomind). TurboMind needs CUDA; on a CPU machine its packed int4 weights are
@@ -36,7 +37,8 @@ from typing import Literal
 from pydantic import Field
 
 from stages.awq import dequantize_linear
-from stages.common import (IM_END, Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
+from stages.chat_template import stop_token_ids
+from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json, write_jsonl)
 
 ModelName = Literal["base", "merged", "turbomind"]
@@ -46,7 +48,7 @@ class EvalParams(Params):
     models: list[ModelName] = ["base", "merged", "turbomind"]  # which models to score
     dataset: str = Field("demo_qa", pattern=r"^[A-Za-z0-9_-]+$")  # OpenCompass dataset abbr, metrics key
     max_samples: int = Field(0, ge=0)          # first N test conversations (0 = all)
-    max_new_tokens: int = Field(64, ge=1)      # greedy decoding, stops at <|im_end|>
+    max_new_tokens: int = Field(64, ge=1)      # greedy decoding, stops at the template's end-of-turn token
     max_seq_len: int | None = Field(None, ge=1)  # prompt tokens kept (cut on the left); None: the model's max
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype (CPU: float32)
     turbomind_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # dequantized weights;
@@ -157,6 +159,17 @@ def opencompass_prompt(model_path: str, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
 
+def tokenizer_dir(base_dir: str) -> Path | str:
+    """Where the base tokenizer with the pipeline's chat template lives (the base stage writes it)."""
+    return Path(base_dir) if (Path(base_dir) / "tokenizer_config.json").exists() else resolve_base(base_dir)[0]
+
+
+def stop_words(base_dir: str) -> list[str]:
+    """The template's end-of-turn token(s), as text: every model stops where training taught it to."""
+    tokenizer = load_base_tokenizer(base_dir)
+    return tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
+
+
 def is_hf_model_dir(path: Path) -> bool:
     return (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
@@ -232,11 +245,12 @@ MODEL_ENTRY = '''
         type='opencompass.models.HuggingFacewithChatTemplate',
         abbr={abbr!r},
         path={path},
+        tokenizer_path={tokenizer_path},
         model_kwargs={model_kwargs},
         tokenizer_kwargs={tokenizer_kwargs},
         generation_kwargs=dict(do_sample=False, num_beams=1),  # greedy
         meta_template=_chat_meta_template,
-        stop_words=[{stop!r}],
+        stop_words={stop!r},
         max_seq_len={max_seq_len},
         max_out_len={max_new_tokens},
         batch_size=1,
@@ -253,7 +267,7 @@ def config_path_expr(path: str, config_dir: Path) -> str:
     return repr(str(local) if Path(path).exists() else path)
 
 
-def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict]) -> None:
+def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict], stop_words: list[str]) -> None:
     """`path` is where the config is written now (a temporary sibling of `final_dir`)."""
     entries = []
     for m in models:
@@ -265,7 +279,8 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict])
             model_kwargs["trust_remote_code"] = tokenizer_kwargs["trust_remote_code"] = True
         entries.append(MODEL_ENTRY.format(
             abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
-            tokenizer_kwargs=tokenizer_kwargs, stop=IM_END, max_seq_len=p.max_seq_len,
+            tokenizer_path=config_path_expr(m.get("tokenizer_path", m["path"]), path.parent),
+            tokenizer_kwargs=tokenizer_kwargs, stop=stop_words, max_seq_len=p.max_seq_len,
             max_new_tokens=p.max_new_tokens))
     text = CONFIG_HEAD.format(run_name=RUN_NAME, config_path=(final_dir / CONFIG_NAME).as_posix(),
                               meta_template=CHAT_META_TEMPLATE)
@@ -361,7 +376,7 @@ def main() -> None:
                 if not (Path(args.base) / "manifest.json").exists():
                     raise StageError(f"{args.base}/manifest.json: not found (run the base stage)")
                 path, load = resolve_base(args.base)
-                models.append({"abbr": "base", "path": path, **load})
+                models.append({"abbr": "base", "path": path, **load, "tokenizer_path": str(tokenizer_dir(args.base))})
             elif name == "merged":
                 if not is_hf_model_dir(Path(args.merged)):
                     raise StageError(f"{args.merged}: not a Hugging Face model folder (config.json + *.safetensors)")
@@ -383,7 +398,7 @@ def main() -> None:
             raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")
         # The config names local folders relative to itself. It is written in the temporary
         # sibling of eval/, so the same relative paths hold once it is renamed into place.
-        write_config(tmp / CONFIG_NAME, final_dir, p, models)
+        write_config(tmp / CONFIG_NAME, final_dir, p, models, stop_words(args.base))
         abbrs = [m["abbr"] for m in models]
         run_dir = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
         scores = read_summary(run_dir, p.dataset, abbrs)

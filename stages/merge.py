@@ -1,7 +1,7 @@
 """merge: fold the LoRA adapter into the base weights; write a standalone HF model.
 
 The merged folder carries safetensors weights, the base tokenizer (with the chat template) and a
-generation config whose eos is the chat template's stop token, so any HF-compatible server stops
+generation config whose eos is the chat template's end-of-turn token (stages/chat_template.py), so any HF-compatible server stops
 where training taught the model to stop. The metric checks the merge: logits of base+adapter and
 of the merged model on validation conversations must agree.
 """
@@ -11,7 +11,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from stages.common import END_OF_TEXT, Params, StageError, atomic_path, load_params, read_jsonl, resolve_base, run_stage, write_json
+from stages.chat_template import stop_token_ids
+from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
+                           run_stage, write_json)
 
 
 class MergeParams(Params):
@@ -36,12 +38,14 @@ def main() -> None:
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     path, load = resolve_base(args.base)
     if not Path(args.adapter, "adapter_config.json").exists():
         raise StageError(f"{args.adapter}: no adapter_config.json (run the train stage)")
-    tokenizer = AutoTokenizer.from_pretrained(path, **load)
+    tokenizer = load_base_tokenizer(args.base)
+    if tokenizer.pad_token is None:  # the logit check pads a batch (Llama-3 ships no pad token)
+        tokenizer.pad_token = tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(path, **load, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, args.adapter).eval()
 
@@ -56,13 +60,13 @@ def main() -> None:
     if diff > p.max_abs_logit_diff:
         raise StageError(f"merge changed logits by {diff:.2e} > merge.max_abs_logit_diff {p.max_abs_logit_diff}")
 
-    stop_ids = [tokenizer.eos_token_id] + [i for i in [tokenizer.convert_tokens_to_ids(END_OF_TEXT)]
-                                           if i is not None and i != tokenizer.eos_token_id]
+    stop_ids = stop_token_ids(tokenizer)
+    tokenizer_dir = Path(args.base) if (Path(args.base) / "tokenizer_config.json").exists() else Path(path)
     with atomic_path(args.out, is_dir=True) as out:
         merged.to(getattr(torch, p.dtype)).save_pretrained(out, safe_serialization=True)
         for name in TOKENIZER_FILES:  # the base's files as they are: same template, same specials
-            if (Path(path) / name).exists():
-                shutil.copy2(Path(path) / name, out / name)
+            if (tokenizer_dir / name).exists():
+                shutil.copy2(tokenizer_dir / name, out / name)
         if not (out / "tokenizer_config.json").exists():
             tokenizer.save_pretrained(out)
         GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False,

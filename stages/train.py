@@ -3,7 +3,8 @@
 Two backends, chosen by train.backend:
   hf     - transformers + peft with the small loop below (this file)
   xtuner - xtuner 0.2's own config-driven trainer, run in .venvs/xtuner (stages/train_xtuner.py)
-Loss is on assistant tokens only (each answer and its <|im_end|> stop token). With train.pack,
+Loss is on assistant tokens only: each answer and the end-of-turn token after it, found from the
+base model's own chat template (stages/chat_template.py). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
 attention is masked per document, so the loss equals the unpacked (padded) one.
 
@@ -34,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from stages.common import (IM_END, IM_START, Params, StageError, atomic_path, load_params, read_jsonl,
-                           resolve_base, run_stage, write_json)
+from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
+from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
+                           run_stage, write_json)
 
 
 class LoraParams(Params):
@@ -65,25 +67,6 @@ class TrainParams(Params):
     gradient_checkpointing: bool = False
     lora: LoraParams = LoraParams()
 
-
-IGNORE = -100
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """Token ids exactly as the chat template renders them; labels only on assistant answers."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans, cursor = [], 0
-    for m in messages:
-        block = f"{IM_START}{m['role']}\n{m['content']}{IM_END}"
-        start = text.index(block, cursor)
-        if m["role"] == "assistant":
-            content_start = start + len(f"{IM_START}assistant\n")
-            spans.append((content_start, start + len(block)))
-        cursor = start + len(block)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    labels = [tok if any(s <= a and b <= e for s, e in spans) else IGNORE
-              for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
-    return {"input_ids": enc["input_ids"][:max_length], "labels": labels[:max_length]}
 
 
 def plan_steps(examples: list[dict], p: TrainParams, rng: random.Random | None = None) -> list[list[int]]:
@@ -347,7 +330,16 @@ def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
 def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     if not Path(path).exists():
         raise StageError(f"{path}: not found (run the split stage)")
-    examples = [tokenize_conversation(tokenizer, r["messages"], max_length) for r in read_jsonl(path)]
+    try:
+        stop_id = stop_token_ids(tokenizer)[0]
+    except TemplateError as e:
+        raise StageError(f"base tokenizer: {e}") from None
+    examples = []
+    for n, row in enumerate(read_jsonl(path), start=1):
+        try:
+            examples.append(tokenize_conversation(tokenizer, row["messages"], max_length, stop_id))
+        except TemplateError as e:
+            raise StageError(f"{path}: row {n} (id {row.get('id')}): {e}") from None
     examples = [e for e in examples if any(t != IGNORE for t in e["labels"])]
     if not examples:
         raise StageError(f"{path}: no trainable conversations (no assistant turn within train.max_length)")
@@ -421,13 +413,13 @@ def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float
 def train_hf(p: TrainParams, args) -> dict:
     import torch
     from tqdm import tqdm
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     random.seed(p.seed)
     torch.manual_seed(p.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path, load = resolve_base(args.base)
-    tokenizer = AutoTokenizer.from_pretrained(path, **load)
+    tokenizer = load_base_tokenizer(args.base)
     model = build_model(path, load, p, device)
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)

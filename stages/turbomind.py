@@ -11,13 +11,13 @@ at load time and needs CUDA for that, so on CPU this stage writes the artifact a
       model.safetensors           int32 qweight/qzeros + fp16 scales per linear layer of every decoder
                                   layer; embeddings, norms and lm_head stay fp16
       tokenizer files, generation_config.json (copied from the merged model)
-      lmdeploy_chat_template.json lmdeploy ChatTemplateConfig (ChatML, stop word <|im_end|>), for
-                                  `--chat-template`; named so that transformers does not mistake it
-                                  for its legacy processor `chat_template.json`
+      lmdeploy_chat_template.json ChatML models only: lmdeploy ChatTemplateConfig (stop word <|im_end|>),
+                                  for `--chat-template`; named so that transformers does not mistake
+                                  it for its legacy processor `chat_template.json`
 
 Serve on a GPU machine:  lmdeploy serve api_server models/turbomind --model-format awq
-(without --chat-template lmdeploy renders with the tokenizer's own template, which is the
-project's ChatML exactly; see `check_chat_templates` for the json's one limitation).
+(without --chat-template lmdeploy renders with the tokenizer's own template, the base model's,
+and stops at its end-of-turn token; see `check_chat_templates` for the json's one limitation).
 
 Quantization error (metrics/turbomind.json): the artifact is dequantized here (unpacked the way
 TurboMind's AWQ loader unpacks it) and its logits compared with the merged fp model's on held-out
@@ -36,7 +36,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stages.awq import dequantize_linear
+from stages.chat_template import stop_token_ids
 from stages.common import (
+    CHAT_TEMPLATE,
     IM_END,
     STOP_TOKEN,
     Params,
@@ -171,7 +173,14 @@ def finish_artifact(merged: Path, out: Path) -> None:
     merged_config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     config["use_cache"] = merged_config.get("use_cache", True)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_lmdeploy_chat_template(out / CHAT_TEMPLATE_FILE)
+    if tokenizer_template(merged) == CHAT_TEMPLATE:  # lmdeploy's json format can express ChatML
+        write_lmdeploy_chat_template(out / CHAT_TEMPLATE_FILE)
+
+
+def tokenizer_template(model_dir: Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).chat_template
 
 
 def write_lmdeploy_chat_template(path: Path) -> None:
@@ -230,31 +239,32 @@ def check_layout(out: Path, p: TurbomindParams) -> tuple[dict, int]:
 
 
 def check_chat_templates(out: Path, tokenizer, rows: list[dict]) -> None:
-    """Both ways lmdeploy can render prompts for this artifact must give the project's ChatML:
-    - default (no --chat-template): lmdeploy picks its 'hf' template = the tokenizer's template;
-    - --chat-template lmdeploy_chat_template.json: exact for conversations that carry a system
-      message. lmdeploy 0.18 turns a null meta_instruction into '' and so prepends an empty system
-      turn to conversations without one; nothing in its json format can turn that off."""
+    """The ways lmdeploy can render prompts for this artifact must give the base model's template:
+    - default (no --chat-template): lmdeploy picks its 'hf' template = the tokenizer's template,
+      and must stop at the template's end-of-turn token;
+    - --chat-template lmdeploy_chat_template.json (written for ChatML only): exact for conversations
+      that carry a system message. lmdeploy 0.18 turns a null meta_instruction into '' and so
+      prepends an empty system turn to conversations without one; its json cannot turn that off."""
     from lmdeploy.model import ChatTemplateConfig, HFChatTemplate, get_chat_template
 
+    stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
     default = get_chat_template(str(out))
-    if not isinstance(default, HFChatTemplate) or STOP_TOKEN not in (default.stop_words or []):
-        raise StageError(f"lmdeploy would not render {out} with the tokenizer's chat template "
-                         f"(got {type(default).__name__}, stop words {default.stop_words})")
-    from_json = ChatTemplateConfig.from_json(str(out / CHAT_TEMPLATE_FILE)).chat_template()
+    if not isinstance(default, HFChatTemplate) or stops[0] not in (default.stop_words or []):
+        raise StageError(f"lmdeploy would not render {out} with the tokenizer's chat template and stop at "
+                         f"{stops[0]} (got {type(default).__name__}, stop words {default.stop_words})")
+    json_file = out / CHAT_TEMPLATE_FILE
+    from_json = ChatTemplateConfig.from_json(str(json_file)).chat_template() if json_file.exists() else None
     for row in rows:
         msgs = row["messages"]
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-        want = render_chatml(prompt, add_generation_prompt=True)
-        if tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) != want:
-            raise StageError(f"{out}: the tokenizer's chat template is not the project's ChatML (row {row['id']})")
+        want = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if default.messages2prompt(prompt) != want:
             raise StageError(f"lmdeploy's default template renders row {row['id']} differently")
         with_system = prompt if prompt[0]["role"] == "system" else [{"role": "system", "content": "x"}, *prompt]
-        if from_json.messages2prompt(with_system) != render_chatml(with_system, add_generation_prompt=True):
-            raise StageError(f"{out / CHAT_TEMPLATE_FILE} renders row {row['id']} differently")
-    if from_json.stop_words != [STOP_TOKEN]:
-        raise StageError(f"{out / CHAT_TEMPLATE_FILE}: stop words {from_json.stop_words}, want [{STOP_TOKEN}]")
+        if from_json and from_json.messages2prompt(with_system) != render_chatml(with_system, add_generation_prompt=True):
+            raise StageError(f"{json_file} renders row {row['id']} differently")
+    if from_json and from_json.stop_words != [STOP_TOKEN]:
+        raise StageError(f"{json_file}: stop words {from_json.stop_words}, want [{STOP_TOKEN}]")
 
 
 def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict], seqlen: int) -> dict:
