@@ -89,8 +89,8 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
 
 
-def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int, bool]]:
-    """(start, end, is_assistant) of each non-system message's content in the rendered text, found
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int, int]]:
+    """(start, end, message index) of each non-system message's content in the rendered text, found
     in conversation order. Templates may trim a content, or move the system text elsewhere (Mistral
     puts it before the last user turn), so system messages are not searched and contents trimmed."""
     spans, cursor = [], 0
@@ -102,7 +102,7 @@ def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int, bool
         if start < 0:
             raise TemplateError(f"messages[{i}] ({m['role']}): the chat template does not render its content "
                                 "(a role the template drops?)")
-        spans.append((start, start + len(content), m["role"] == "assistant"))
+        spans.append((start, start + len(content), i))
         cursor = start + len(content)
     return spans
 
@@ -128,8 +128,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, stop_id: int | None = None) -> dict:
-    """Token ids exactly as the chat template renders `messages`; labels on each assistant
-    content and the end-of-turn token after it, IGNORE elsewhere. A template that renders nothing
+    """Token ids exactly as the chat template renders `messages`; labels on each assistant turn
+    (what the model writes after the template's generation prompt: its content, and anything the
+    template puts between prompt and content, e.g. GLM-4's newline) and the end-of-turn token
+    after it; IGNORE elsewhere. A template that renders nothing
     after the final answer (GLM-4) gets the end-of-turn token appended there, so the model learns
     to stop. `stop_id`: stop_token_ids(tokenizer)[0], passed in to save probing per conversation."""
     text = _render(tokenizer, messages)
@@ -137,9 +139,14 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, stop
     stop_id = stop_token_ids(tokenizer)[0] if stop_id is None else stop_id
     specials = special_ids(tokenizer)
     labels = [IGNORE] * len(ids)
-    for start, end, is_assistant in _content_spans(text, messages):
-        if not is_assistant:
+    for start, end, index in _content_spans(text, messages):
+        if messages[index]["role"] != "assistant":
             continue
+        # the model's turn starts where the generation prompt ends, when that prompt is a prefix
+        # of the rendering (Mistral moves the system text into the last user turn: then it is not)
+        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        if text.startswith(prompt) and len(prompt) <= start:
+            start = len(prompt)
         inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
         for i in inside:
             labels[i] = ids[i]

@@ -364,8 +364,13 @@ def build_model(path: str, load: dict, p: TrainParams, device):
         extra = {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)}
     attn = VARLEN if p.attn_implementation == "varlen" else p.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **load, dtype=dtype, attn_implementation=attn,
-                                                 **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **load, dtype=dtype, attn_implementation=attn, **extra)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        raise StageError(f"{path}: train.attn_implementation={p.attn_implementation} is not supported by this "
+                         f"architecture; try train.attn_implementation=eager ({str(e).splitlines()[0][:120]})") from None
     if p.quantize == "none":
         model = model.to(device)
     if p.gradient_checkpointing:

@@ -35,6 +35,7 @@ class Family:
     stop: str                   # the end-of-turn token generation must stop at
     params_template: str = ""   # base.chat_template the pipeline is given
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    attn_implementation: str = "sdpa"  # train.attn_implementation (Gemma-2's soft-capping: eager only)
     config: dict = field(default_factory=dict)
 
 
@@ -48,13 +49,15 @@ FAMILIES = {f.name: f for f in [
            ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
            None, "<|endoftext|>", "<|endoftext|>", "<|user|>"),
     Family("gemma2", "Gemma2ForCausalLM", "Gemma2Config", "gemma", ["<pad>", "<eos>", "<bos>", "<start_of_turn>",
-           "<end_of_turn>"], "<bos>", "<eos>", "<pad>", "<end_of_turn>", config={"head_dim": 16}),
+           "<end_of_turn>"], "<bos>", "<eos>", "<pad>", "<end_of_turn>", config={"head_dim": 16},
+           attn_implementation="eager"),
     Family("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", "gemma", ["<pad>", "<eos>", "<bos>",
            "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>", "<end_of_turn>", config={"head_dim": 16}),
     Family("mistral", "MistralForCausalLM", "MistralConfig", "mistral", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
            "<s>", "</s>", None, "</s>"),
     Family("bloom", "BloomForCausalLM", "BloomConfig", None, ["<unk>", "<s>", "</s>", "<pad>"], "<s>", "</s>", "<pad>",
-           "</s>", params_template="human_assistant", target_modules=["query_key_value", "dense"]),
+           "</s>", params_template="human_assistant", target_modules=["query_key_value", "dense"],
+           attn_implementation="eager"),
 ]}
 
 
@@ -77,26 +80,27 @@ def build_tokenizer(family: Family, vocab_size: int = 400):
         chat_template=TEMPLATES[family.template] if family.template else None, clean_up_tokenization_spaces=False)
 
 
-def build_model(family: Family, tokenizer, seed: int = 0):
+def build_model(family: Family, tokenizer, seed: int = 0, hidden: int = 64, heads: int = 4):
     import torch
     import transformers
 
     torch.manual_seed(seed)
     ids = lambda t: tokenizer.convert_tokens_to_ids(t) if t else None
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=2,
+                 num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512)
     if family.name == "bloom":
-        sizes = dict(vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4)
+        sizes = dict(vocab_size=len(tokenizer), hidden_size=hidden, n_layer=2, n_head=heads)
     config = getattr(transformers, family.config_class)(
         **sizes, **family.config, bos_token_id=ids(family.bos), eos_token_id=ids(family.eos), pad_token_id=ids(family.pad),
         tie_word_embeddings=False)
     return getattr(transformers, family.architecture)(config).eval()
 
 
-def write_family_model(family: Family, folder: Path) -> Path:
-    """A loadable model folder (weights, tokenizer, chat template) for `family` at `folder`."""
+def write_family_model(family: Family, folder: Path, **sizes) -> Path:
+    """A loadable model folder (weights, tokenizer, chat template) for `family` at `folder`.
+    sizes: hidden, heads (AWQ needs hidden sizes divisible by its group of 128)."""
     tokenizer = build_tokenizer(family)
-    model = build_model(family, tokenizer)
+    model = build_model(family, tokenizer, **sizes)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     # transformers 5 would otherwise rebuild a known family's tokenizer (e.g. Llama's Metaspace
