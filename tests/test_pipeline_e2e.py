@@ -24,12 +24,11 @@ def sh(cwd: Path, *cmd: str, env=None) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory):
+def make_checkout(root: Path, changes: dict | None = None) -> tuple[Path, dict, str]:
+    """A fresh git checkout of the repo's files at `root`, FAST_PARAMS (+ changes), after `dvc repro`."""
     missing = [e for e in ENVS if not (REPO / ".venvs" / e / "bin/python").exists()]
     if missing:
         pytest.skip(f"environments missing: {missing}; run ./setup.sh")
-    root = tmp_path_factory.mktemp("checkout")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
@@ -39,6 +38,7 @@ def checkout(tmp_path_factory):
     (root / ".venvs").symlink_to(REPO / ".venvs")
     params = yaml.safe_load((root / "params.yaml").read_text())
     deep_update(params, FAST_PARAMS)
+    deep_update(params, changes or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
     sh(root, "git", "init", "-q")
@@ -46,6 +46,11 @@ def checkout(tmp_path_factory):
     sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh checkout")
     first = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
     return root, env, first
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    return make_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 def test_repro_runs_every_stage_then_nothing(checkout):
@@ -117,3 +122,23 @@ def test_an_eval_param_reruns_only_eval_and_what_follows(checkout):
     out = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     assert ran == ["eval", "register", "upload"]
+
+
+@pytest.mark.parametrize("family", ["llama3"])
+def test_dvc_repro_with_a_non_chatml_base_model(tmp_path_factory, family):
+    """The whole chain on a base model of another family, given as a local folder (base.source:
+    hf): its chat template and stop token reach training, merge, lmdeploy's artifact and eval."""
+    from families import FAMILIES, write_family_model
+
+    model_dir = write_family_model(FAMILIES[family], tmp_path_factory.mktemp("hub") / family, hidden=128, heads=2)
+    root, _, first = make_checkout(tmp_path_factory.mktemp("family"), {"base": {"source": "hf", "model_id": str(model_dir)}})
+    for stage in ["base", "train", "merge", "turbomind", "eval", "register", "upload"]:
+        assert f"Running stage '{stage}'" in first
+    from transformers import AutoTokenizer
+
+    stop_id = AutoTokenizer.from_pretrained(root / "models/merged").convert_tokens_to_ids(FAMILIES[family].stop)
+    for folder in ["models/merged", "models/turbomind"]:
+        assert json.loads((root / folder / "generation_config.json").read_text())["eos_token_id"][0] == stop_id
+    assert not (root / "models/turbomind/lmdeploy_chat_template.json").exists()  # ChatML's json only
+    config = (root / "eval/opencompass_config.py").read_text()
+    assert f"stop_words={[FAMILIES[family].stop]!r}" in config  # Llama-3: <|eot_id|> is also its eos
