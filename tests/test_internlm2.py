@@ -261,6 +261,36 @@ def test_unknown_tensors_are_refused(published, tmp_path):
         convert(src, tmp_path / "out")
 
 
+def test_converted_model_trains_and_merges_without_remote_code(converted, tmp_path):
+    """train (hf) and merge on the converted base: the InternLM2 template (<s> first) renders the
+    training ids, the loss is on the answers and their <|im_end|> only."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train import IGNORE, tokenize_conversation
+
+    shutil.copytree(converted, tmp_path / "models/base")
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(24)]
+    for name, part in (("train", rows[:20]), ("val", rows[20:])):
+        (tmp_path / f"data/split/{name}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"data/split/{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    write_params(tmp_path, {"train": {"batch_size": 4, "max_length": 128}, "merge": {"check_rows": 4}})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models/base")
+    example = tokenize_conversation(tokenizer, rows[3]["messages"], 128)
+    assert example["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t in example["labels"] if t != IGNORE]) == "3 plus 3 is 6." + IM_END
+    run_stage(tmp_path, "train")
+    run_stage(tmp_path, "merge")
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert json.loads((tmp_path / "metrics/merge.json").read_text())["max_abs_logit_diff"] < 1e-3
+    assert not list((tmp_path / "models/merged").glob("*.py"))
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "models/merged")).__name__ == "LlamaForCausalLM"
+
+
 AWQ_SCRIPT = """
 import json, sys
 from pathlib import Path
