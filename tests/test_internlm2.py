@@ -225,6 +225,41 @@ def test_variants_convert_exactly(tmp_path, variant):
     assert_same_tokenizer(src, out)
 
 
+def test_sharded_and_bin_checkpoints_convert_alike(published, converted, tmp_path):
+    """Published 7B checkpoints come in shards with an index (safetensors, or .bin for the first
+    InternLM2 release): the same tensors give the same hash and an index of their own."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.internlm2 import convert
+
+    state = load_file(published / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for kind in ("sharded", "bin"):
+        src = tmp_path / kind
+        src.mkdir()
+        for f in published.iterdir():
+            if f.name != "model.safetensors":
+                (src / f.name).write_bytes(f.read_bytes())
+        if kind == "sharded":
+            for shard, part in shards.items():
+                save_file({n: state[n] for n in part}, str(src / shard), metadata={"format": "pt"})
+            (src / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": {n: shard for shard, part in shards.items() for n in part}}))
+        else:
+            torch.save(state, src / "pytorch_model.bin")
+        (tmp_path / f"{kind}-out").mkdir()
+        info = convert(src, tmp_path / f"{kind}-out")
+        assert info["weights_sha256"] == json.loads((converted / "manifest.json").read_text())["conversion"]["weights_sha256"]
+    index = json.loads((tmp_path / "sharded-out/model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(shards)
+    ids, _ = token_ids()
+    reference = logits(AutoModelForCausalLM.from_pretrained(converted).eval(), ids)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "sharded-out").eval(), ids), reference)
+
+
 def test_what_cannot_be_converted_exactly_is_refused(tmp_path):
     from stages.internlm2 import convert_tokenizer, rope_parameters
 
