@@ -36,7 +36,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stages.awq import dequantize_linear
-from stages.remote_code import load_kwargs
 from stages.common import (
     IM_END,
     STOP_TOKEN,
@@ -49,6 +48,7 @@ from stages.common import (
     run_stage,
     write_json,
 )
+from stages.remote_code import load_kwargs
 
 CHAT_TEMPLATE_FILE = "lmdeploy_chat_template.json"
 # head sizes TurboMind has attention kernels for (src/turbomind/kernels/attention/codegen in 0.18)
