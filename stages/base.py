@@ -4,7 +4,9 @@ source: demo -> build a tiny Qwen2-shaped decoder offline: a byte-level BPE toke
                 the demo corpus, the project's ChatML template and <|im_end|> stop token, and a short
                 pre-training pass on the corpus so the model knows the facts before it learns to chat.
 source: hf   -> a Hugging Face model id (or a local path) pinned to a revision; the weights stay in
-                the Hugging Face cache, the manifest records the resolved commit.
+                the Hugging Face cache, the manifest records the resolved commit. Models whose code
+                ships in the model folder need base.trust_remote_code (stages/remote_code.py), except
+                InternLM2 / InternLM2.5, which are converted into models/base as Llama (stages/internlm2.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class BaseParams(Params):
     revision: str = "main"          # hf: pin a commit sha for reproducible runs
     chat_template: str = ""         # hf: "" = the tokenizer's own; or a name in stages/chat_template.py
                                     # TEMPLATES (for a base without one, e.g. Bloomz), or a .jinja file
+    trust_remote_code: bool = False  # hf: run the model folder's own Python code (config.json auto_map);
+                                    # only for a local folder or a revision that is a full 40-hex sha
     seed: int = 0
     demo: DemoModelParams = DemoModelParams()
 
@@ -137,7 +141,7 @@ def main() -> None:
                         "parameters": sum(t.numel() for t in model.parameters()),
                         "pretrain_final_loss": round(final_loss, 4), "chat_template": "chatml", "stop_token": IM_END}
         else:
-            manifest = resolve_hub_model(p)
+            manifest = adopt_hub_model(p, out)
             manifest["chat_template"] = write_tokenizer(manifest, p.chat_template, out)
         write_json(out / "manifest.json", manifest)
     print(f"base: {manifest}")
@@ -150,8 +154,9 @@ def write_tokenizer(manifest: dict, chat_template: str, out: Path) -> str:
 
     from stages.chat_template import TEMPLATES, TemplateError, stop_token_ids
 
-    source = manifest.get("local_path") or manifest["model_id"]
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=manifest.get("revision"),
+    converted = (out / "tokenizer_config.json").exists()  # InternLM2: converted into `out` already
+    source = out if converted else manifest.get("local_path") or manifest["model_id"]
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=None if converted else manifest.get("revision"),
                                               trust_remote_code=manifest.get("trust_remote_code", False))
     origin = "tokenizer"
     if chat_template in TEMPLATES:
@@ -169,18 +174,42 @@ def write_tokenizer(manifest: dict, chat_template: str, out: Path) -> str:
     return origin
 
 
+def adopt_hub_model(p: BaseParams, out: Path) -> dict:
+    """The manifest of a hub (or local) model: InternLM2 converted into `out` as Llama, any other
+    model used where it is, with its remote code only where base.trust_remote_code allows it."""
+    from stages import internlm2
+    from stages.remote_code import needs_remote_code
+
+    manifest = resolve_hub_model(p)
+    if internlm2.is_internlm2(manifest["local_path"]):
+        conversion = internlm2.convert(manifest.pop("local_path"), out)
+        return {**manifest, "trust_remote_code": False, "architecture": "LlamaForCausalLM", "conversion": conversion}
+    if needs_remote_code(manifest["local_path"]) and not p.trust_remote_code:
+        raise StageError(f"{p.model_id}: its model class is code shipped with the model (config.json auto_map); "
+                         "set base.trust_remote_code: true to run it (with base.revision a full commit sha)")
+    return manifest
+
+
 def resolve_hub_model(p: BaseParams) -> dict:
     """Pin a Hugging Face model (or a local folder) to a commit; the weights stay in the HF cache."""
+    from stages.remote_code import refuse_unpinned
+
     if not p.model_id:
         raise StageError("params.yaml: base.model_id is required when base.source is 'hf'")
+    if p.trust_remote_code:
+        refuse_unpinned(p.model_id, p.revision)  # before anything is downloaded
     if Path(p.model_id).is_dir():
-        return {"source": "hf", "model_id": p.model_id, "revision": None, "local_path": str(Path(p.model_id).resolve())}
+        return {"source": "hf", "model_id": p.model_id, "revision": None, "local_path": str(Path(p.model_id).resolve()),
+                "trust_remote_code": p.trust_remote_code}
     from huggingface_hub import snapshot_download  # token, if any, comes from HF_TOKEN in the environment
 
     local = snapshot_download(p.model_id, revision=p.revision,
                               allow_patterns=["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py"])
     commit = Path(local).name  # snapshots/<commit sha>
-    return {"source": "hf", "model_id": p.model_id, "revision": commit, "local_path": local}
+    if not any(Path(local).glob("*.safetensors")):  # older checkpoints (InternLM2 1.x) publish .bin only
+        local = snapshot_download(p.model_id, revision=commit, allow_patterns=["*.bin"])
+    return {"source": "hf", "model_id": p.model_id, "revision": commit, "local_path": local,
+            "trust_remote_code": p.trust_remote_code}
 
 
 if __name__ == "__main__":

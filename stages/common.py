@@ -125,7 +125,7 @@ def resolve_base(base_dir: str | Path = "models/base") -> tuple[str, dict]:
     keyword arguments every `from_pretrained` of it takes: revision and trust_remote_code)."""
     manifest = json.loads((Path(base_dir) / "manifest.json").read_text(encoding="utf-8"))
     load = {"revision": None, "trust_remote_code": bool(manifest.get("trust_remote_code", False))}
-    if manifest["source"] == "demo":
+    if manifest["source"] == "demo" or manifest.get("conversion"):  # the model is in base_dir itself
         return str(base_dir), load
     return manifest.get("local_path") or manifest["model_id"], dict(load, revision=manifest.get("revision"))
 

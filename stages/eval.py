@@ -40,6 +40,7 @@ from stages.awq import dequantize_linear
 from stages.chat_template import stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json, write_jsonl)
+from stages.remote_code import load_kwargs
 
 ModelName = Literal["base", "merged", "turbomind"]
 
@@ -155,7 +156,7 @@ def opencompass_prompt(model_path: str, messages: list[dict]) -> str:
     from transformers import AutoTokenizer
 
     [chat] = _convert_chat_messages([APITemplateParser(CHAT_META_TEMPLATE).parse_template(messages)])
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **load_kwargs(model_path))
     return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
 
@@ -380,7 +381,7 @@ def main() -> None:
             elif name == "merged":
                 if not is_hf_model_dir(Path(args.merged)):
                     raise StageError(f"{args.merged}: not a Hugging Face model folder (config.json + *.safetensors)")
-                models.append({"abbr": "merged", "path": args.merged})
+                models.append({"abbr": "merged", "path": args.merged, **load_kwargs(args.merged)})
             else:
                 artifact = Path(args.turbomind)
                 if not artifact.exists():
@@ -392,7 +393,8 @@ def main() -> None:
                     notes["turbomind"] = {"scored": False, "reason": str(e)}
                     print(f"eval: warning: turbomind not scored: {e}", file=sys.stderr)
                     continue
-                models.append({"abbr": TURBOMIND_ABBR, "path": str(tmp / "models" / TURBOMIND_ABBR)})
+                dequantized = tmp / "models" / TURBOMIND_ABBR
+                models.append({"abbr": TURBOMIND_ABBR, "path": str(dequantized), **load_kwargs(dequantized)})
 
         if not models:
             raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")

@@ -14,6 +14,7 @@ from pathlib import Path
 from stages.chat_template import stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
+from stages.remote_code import shipped_code
 
 
 class MergeParams(Params):
@@ -69,6 +70,8 @@ def main() -> None:
                 shutil.copy2(tokenizer_dir / name, out / name)
         if not (out / "tokenizer_config.json").exists():
             tokenizer.save_pretrained(out)
+        for name in shipped_code(path):  # a remote-code base's own .py files (its tokenizer's too)
+            shutil.copy2(Path(path) / name, out / name)
         GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False,
                          max_new_tokens=128).save_pretrained(out)
     write_json(args.metrics, {"max_abs_logit_diff": diff, "check_rows": len(texts)})

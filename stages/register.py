@@ -153,8 +153,10 @@ def log_merged_model(mlflow, merged: str):
     import torch
     import transformers
 
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    tokenizer = AutoTokenizer.from_pretrained(merged)
+    from stages.remote_code import load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(merged, **load_kwargs(merged))  # with the code it ships, if any
+    tokenizer = AutoTokenizer.from_pretrained(merged, **load_kwargs(merged))
     # pip_requirements given explicitly: MLflow's inference adds torchvision, which is not installed
     return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",

@@ -208,7 +208,7 @@ def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
 
 
 def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
-                  plan: dict, map_num_proc: int, use_amp: bool) -> str:
+                  plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False) -> str:
     """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
     r = repr
     spe = plan["steps_per_epoch"]
@@ -216,7 +216,11 @@ def render_config(p: TrainParams, *, base: str, revision: str | None, train_file
     # schedulers are given in epochs and converted by mmengine with the real epoch length;
     # (w + 0.5) / spe epochs converts back to exactly w steps (int() truncates)
     warmup_end = (w + 0.5) / spe if w > 0 else 0
-    llm_extra = f"\n        revision={r(revision)}," if revision else ""
+    # the base's from_pretrained kwargs (stages.common.resolve_base), for its tokenizer and model;
+    # trust_remote_code (base.trust_remote_code) runs the code that ships with the model
+    extras = ([f"revision={r(revision)},"] if revision else []) + (["trust_remote_code=True,"] if trust_remote_code else [])
+    llm_extra = "".join("\n        " + e for e in extras)
+    tokenizer_extra = "".join("\n    " + e for e in extras)
     if w > 0:
         schedulers = """[
     dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_epochs,
@@ -284,7 +288,7 @@ seed = {p.seed}
 #######################################################################
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
-    pretrained_model_name_or_path=pretrained_model_name_or_path,
+    pretrained_model_name_or_path=pretrained_model_name_or_path,{tokenizer_extra}
     padding_side="right",
 )
 
@@ -440,7 +444,7 @@ def mean_loss(model, encoded: list[dict]) -> float:
     return total / count
 
 
-def validation_losses(base: str, revision: str | None, adapter: Path, encoded: list[dict],
+def validation_losses(base: str, load: dict, adapter: Path, encoded: list[dict],
                       dtype: str) -> tuple[float, float]:
     """Validation loss of the base model, then of base + the trained adapter."""
     import torch
@@ -448,7 +452,7 @@ def validation_losses(base: str, revision: str | None, adapter: Path, encoded: l
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=getattr(torch, dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, **load, dtype=getattr(torch, dtype)).to(device).eval()
     before = mean_loss(model, encoded)
     after = mean_loss(PeftModel.from_pretrained(model, str(adapter)).eval(), encoded)
     return before, after
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(base, **load)
     train_enc = encode(train_convs, tokenizer, p.max_length, a.train)
     if not train_enc:
         raise StageError(f"{a.train}: no conversation has an assistant token within max_length={p.max_length}")
@@ -506,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     map_num_proc = 1 if len(train_convs) < 20000 else min(4, os.cpu_count() or 1)
     with atomic_path(config) as tmp:
         tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
-                                     map_num_proc=map_num_proc, use_amp=use_amp), encoding="utf-8")
+                                     map_num_proc=map_num_proc, use_amp=use_amp,
+                                     trust_remote_code=load["trust_remote_code"]), encoding="utf-8")
     print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
@@ -527,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
                  [str(config), str(checkpoint), str(tmp_out), "--safe-serialization", "--fp32"])
         if not (tmp_out / "adapter_model.safetensors").is_file():
             raise StageError(f"pth_to_hf wrote no adapter_model.safetensors from {checkpoint}")
-        val_before, val_after = validation_losses(base, revision, tmp_out, val_enc, p.dtype)
+        val_before, val_after = validation_losses(base, load, tmp_out, val_enc, p.dtype)
         from safetensors import safe_open
 
         with safe_open(str(tmp_out / "adapter_model.safetensors"), "pt") as f:

@@ -50,6 +50,7 @@ from stages.common import (
     run_stage,
     write_json,
 )
+from stages.remote_code import load_kwargs
 
 CHAT_TEMPLATE_FILE = "lmdeploy_chat_template.json"
 # head sizes TurboMind has attention kernels for (src/turbomind/kernels/attention/codegen in 0.18)
@@ -148,6 +149,7 @@ def quantize(merged: Path, out: Path, blocks, p: TurbomindParams) -> None:
             search_scale=p.search_scale,
             device=p.device,
             dtype=p.dtype,
+            trust_remote_code=bool(load_kwargs(merged)),  # a merged model that ships its code
         )
 
 
@@ -211,7 +213,7 @@ def check_layout(out: Path, p: TurbomindParams) -> tuple[dict, int]:
     from lmdeploy.turbomind.supported_models import is_supported
 
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    if not is_supported(str(out)):
+    if not is_supported(str(out), **load_kwargs(out)):
         raise StageError(f"{out}: lmdeploy says TurboMind does not support {config['architectures']}")
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head_dim not in TURBOMIND_HEAD_DIMS:
@@ -273,11 +275,11 @@ def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict
     import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fp = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    config = AutoConfig.from_pretrained(out)
+    fp = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **load_kwargs(merged)).eval()
+    config = AutoConfig.from_pretrained(out, **load_kwargs(out))
     config.quantization_config = None
     del config.quantization_config
-    q = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    q = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **load_kwargs(out)).eval()
     missing, unexpected = q.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -331,7 +333,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.merged)
+    tokenizer = AutoTokenizer.from_pretrained(args.merged, **load_kwargs(args.merged))
     calib_rows, held_rows = split_rows(read_jsonl(args.train), p.eval_rows, p.seed)
     blocks = calibration_blocks(tokenizer, calib_rows, p.calib_samples, p.calib_seqlen)
     print(f"[turbomind] calibrating on {len(blocks)} x {blocks[0].shape[1]} tokens "
