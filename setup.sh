@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One idempotent set-up for tunepipe. Creates one virtual environment per tool family, because
-# the named tools' pins do not co-install (docs/environments.md):
+# the named tools' pins do not co-install (README.md, Environments):
 #   .venvs/core         dvc, mlflow, transformers, peft, datasets, openpyxl: drives `dvc repro`
 #   .venvs/xtuner       xtuner 0.2 (train.backend=xtuner)
 #   .venvs/lmdeploy     lmdeploy's AWQ quantizer (turbomind stage)

@@ -14,17 +14,18 @@ exits 0 when the command fails. To rerun a generated config by hand, from the re
     .venvs/xtuner/bin/python -m stages.shims xtuner.tools.train \
         models/checkpoints/xtuner/inputs/xtuner_config.py --work-dir models/checkpoints/xtuner
 
-What xtuner sees, per conversation: the `messages` of each canonical record (written to
-<work-dir>/inputs/train.jsonl), mapped by xtuner's `openai_map_fn` and rendered with
-PROMPT_TEMPLATE.qwen_chat, which is the project's ChatML template (stages.common.CHAT_TEMPLATE):
-the loss is on the assistant turns and their <|im_end|>.
+What xtuner sees, per conversation: token ids and labels made by the pipeline itself with the base
+model's chat template (stages/chat_template.py, the hf backend's tokenization), written to
+<work-dir>/inputs/train.jsonl; the config has xtuner's process_hf_dataset take them as they are
+(no map function, no xtuner prompt template, no second tokenization): the loss is on the assistant
+turns and their end-of-turn token, for every model family the pipeline supports.
 
 How params map onto xtuner:
 - batch_size: conversations per optimizer step on one process (xtuner `batch_size`, no gradient
   accumulation); with pack=true xtuner batches packed rows of max_length tokens, so it gets the
   number of rows that holds batch_size conversations of the mean length (at least 1).
-- pack: xtuner's `pack_to_max_length`. Without flash-attn (CPU) xtuner cannot isolate packed
-  conversations from each other (`use_varlen_attn` needs flash-attn), so they attend across.
+- pack: xtuner's `pack_to_max_length`. xtuner cannot isolate packed conversations from each other
+  without flash-attn (`use_varlen_attn`), which this environment does not install: they attend across.
 - warmup_ratio: linear warmup over round(ratio * total steps) steps (none when that is 0), then
   cosine decay to 0, so tiny data cannot produce an empty warmup ("end should be larger than
   begin").
@@ -59,7 +60,8 @@ import time
 from pathlib import Path
 
 from stages import shims
-from stages.common import (StageError, atomic_path, load_params, read_jsonl, render_chatml, resolve_base,
+from stages.chat_template import TemplateError, stop_token_ids, tokenize_conversation
+from stages.common import (StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 from stages.train import TrainParams, peak_memory_mb, write_loss_curve
 
@@ -74,7 +76,7 @@ ROLES = {"system", "user", "assistant"}
 # data
 # ----------------------------------------------------------------------------------------------
 def load_conversations(path: Path) -> list[list[dict]]:
-    """The messages of each canonical record, checked for what xtuner's openai_map_fn accepts."""
+    """The messages of each canonical record, checked."""
     if not path.is_file():
         raise StageError(f"{path}: file not found")
     try:
@@ -97,62 +99,32 @@ def load_conversations(path: Path) -> list[list[dict]]:
             clean.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in clean):
             raise StageError(f"{where}: no assistant message, nothing to train on")
-        problem = turn_order_problem(clean)
-        if problem:
-            raise StageError(f"{where}: {problem}")
         conversations.append(clean)
     return conversations
 
 
-def turn_order_problem(messages: list[dict]) -> str | None:
-    """xtuner's openai_map_fn renders ChatML exactly (token for token, tests/test_train_xtuner.py)
-    only for turns shaped ([system] user assistant)*, optionally ending in [system] user. Anything
-    else it renders differently from stages.common.CHAT_TEMPLATE (consecutive user messages are
-    glued together, a leading assistant message is dropped, a system message right before an
-    assistant gets an empty user turn), so it is refused rather than trained on silently."""
-    expect = {"system", "user"}
-    for i, m in enumerate(messages):
-        if m["role"] not in expect:
-            return (f"messages[{i}] is '{m['role']}' after '{messages[i - 1]['role'] if i else 'the start'}': "
-                    "the xtuner backend needs turns of [system] user assistant (its openai_map_fn "
-                    "would render anything else differently from the chat template)")
-        expect = {"user"} if m["role"] == "system" else {"assistant"} if m["role"] == "user" else {"system", "user"}
-    return None
-
-
-def write_messages_jsonl(path: Path, conversations: list[list[dict]]) -> None:
-    """xtuner's input: one {"messages": [...]} per line (the canonical record's other fields
-    have mixed types that `datasets` cannot always put in one arrow schema)."""
+def write_tokenized_jsonl(path: Path, encoded: list[dict]) -> None:
+    """xtuner's input: one {"input_ids", "labels"} per line, tokenized by the pipeline with the base
+    model's chat template (stages/chat_template.py), so xtuner trains on exactly what the hf backend
+    would; the config tells process_hf_dataset not to map, template or tokenize again."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        for e in encoded:
+            f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
 
 
 def encode(conversations: list[list[dict]], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
-    """Tokenize exactly as xtuner's process_hf_dataset does (its own map functions), to count
-    rows, steps and tokens before training, and to score the validation split after it.
-
-    Also the guard of "one chat template": the ids must be those of stages.common.render_chatml
-    (CHAT_TEMPLATE), else the model would be trained on a format nothing else renders."""
-    from xtuner.dataset.map_fns import openai_map_fn, template_map_fn
-    from xtuner.dataset.utils import encode_fn
-    from xtuner.utils import PROMPT_TEMPLATE
-
+    """Token ids and labels of each conversation with the base model's chat template (the hf
+    backend's own tokenization); conversations with no answer token within max_length are dropped."""
+    try:
+        stop_id = stop_token_ids(tokenizer)[0]
+    except TemplateError as e:
+        raise StageError(f"base tokenizer: {e}") from None
     out = []
     for n, messages in enumerate(conversations, start=1):
-        example = openai_map_fn({"messages": messages})
-        example = template_map_fn(example, template=PROMPT_TEMPLATE.qwen_chat)
-        if not example["conversation"]:
-            continue
-        enc = encode_fn(example, tokenizer=tokenizer, max_length=max_length)
-        last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        expected = tokenizer(render_chatml(messages[:last_answer + 1]), add_special_tokens=False)["input_ids"]
-        if enc["input_ids"] != expected[:max_length]:
-            where = f"{source}: record {n}" if source else f"conversation {n}"
-            raise StageError(
-                f"{where}: xtuner's rendering (openai_map_fn + PROMPT_TEMPLATE.qwen_chat) does not give the "
-                f"tokens of the project's chat template with this tokenizer:\n  xtuner:   "
-                f"{tokenizer.decode(enc['input_ids'])[:300]!r}\n  template: {tokenizer.decode(expected)[:300]!r}")
+        try:
+            enc = tokenize_conversation(tokenizer, messages, max_length, stop_id)
+        except TemplateError as e:
+            raise StageError(f"{source or 'conversations'}: record {n}: {e}") from None
         if any(label >= 0 for label in enc["labels"]):
             out.append(enc)
     return out
@@ -252,18 +224,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
-from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
-from xtuner.utils import PROMPT_TEMPLATE
 
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
 pretrained_model_name_or_path = {r(base)}
 data_files = {r(str(train_file))}
-prompt_template = PROMPT_TEMPLATE.qwen_chat  # = ChatML, stages.common.CHAT_TEMPLATE
+# input_ids + labels per line, tokenized by tunepipe with the base model's chat template
 max_length = {p.max_length}
 pack_to_max_length = {p.pack}
 use_varlen_attn = False
@@ -321,8 +291,9 @@ train_dataset = dict(
     dataset=dict(type=load_dataset, path="json", data_files=dict(train=data_files)),
     tokenizer=tokenizer,
     max_length=max_length,
-    dataset_map_fn=openai_map_fn,
-    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    dataset_map_fn=None,
+    template_map_fn=None,
+    do_dataset_tokenization=False,
     remove_unused_columns=True,
     shuffle_before_pack=True,
     pack_to_max_length=pack_to_max_length,
@@ -486,9 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     applied = shims.apply("xtuner")
     print(f"[train_xtuner] shims applied: {', '.join(applied) or 'none'}", flush=True)
     import torch
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base, **load)
+    tokenizer = load_base_tokenizer(a.base)
     train_enc = encode(train_convs, tokenizer, p.max_length, a.train)
     if not train_enc:
         raise StageError(f"{a.train}: no conversation has an assistant token within max_length={p.max_length}")
@@ -505,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     work = a.work_dir
     clear_previous_run(work)
     train_file = work / INPUTS / "train.jsonl"
-    write_messages_jsonl(train_file, train_convs)
+    write_tokenized_jsonl(train_file, train_enc)
     config = work / INPUTS / CONFIG_NAME
     map_num_proc = 1 if len(train_convs) < 20000 else min(4, os.cpu_count() or 1)
     with atomic_path(config) as tmp:
