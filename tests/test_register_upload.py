@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,9 +56,31 @@ def prepare(pipeline: Path, workdir: Path, monkeypatch) -> Path:
 
 @pytest.fixture
 def registered(pipeline, workdir, monkeypatch):
+    """A store with version 1, for tests that change it or the files."""
     prepare(pipeline, workdir, monkeypatch)
     run_stage(workdir, "register")
     return workdir
+
+
+@pytest.fixture(scope="module")
+def registered_once(pipeline, tmp_path_factory):
+    """A store with version 1 shared by the tests that only read it (one SQLite store setup fewer each)."""
+    folder = tmp_path_factory.mktemp("registered")
+    write_params(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        prepare(pipeline, folder, mp)
+        run_stage(folder, "register")
+    return folder
+
+
+@pytest.fixture
+def shared(registered_once, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{registered_once}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # another test's stage may have set it to its own store
+    return registered_once
 
 
 def folder_bytes(path: Path) -> int:
@@ -86,11 +109,11 @@ def test_dvc_md5_is_dvcs_own(pipeline):
         assert dvc_md5(pipeline / rel) == dvc_data_md5(pipeline / rel)
 
 
-def test_register_logs_a_complete_run_and_a_version(registered):
+def test_register_logs_a_complete_run_and_a_version(shared):
     import mlflow
     from mlflow import MlflowClient
 
-    record = json.loads((registered / "registry/record.json").read_text())
+    record = json.loads((shared / "registry/record.json").read_text())
     client = MlflowClient()
     run = client.get_run(record["run_id"])
     assert run.data.params["train.lora.r"] == "16" and run.data.params["split.seed"] == "42"
@@ -106,13 +129,22 @@ def test_register_logs_a_complete_run_and_a_version(registered):
     assert mlflow.get_tracking_uri().endswith("mlflow.db")
 
 
-def test_each_version_stores_about_the_adapter_not_the_model(registered, capsys):
+def register_without_torch(folder: Path) -> None:
+    """Run register in a fresh interpreter and fail if it imported torch (so it loaded no weights)."""
+    code = ("import sys; sys.argv = ['register']; from stages import common, register; common.run_stage(register.main); "
+            "assert 'torch' not in sys.modules, 'register imported torch'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_each_version_stores_about_the_adapter_and_register_loads_no_model(registered, capsys):
     from mlflow import MlflowClient
 
     adapter = folder_bytes(registered / "models/adapter")
     merged_weights = (registered / "models/merged/model.safetensors").stat().st_size
     first = artifact_store_bytes()  # the store was empty before the first registration
-    run_stage(registered, "register")
+    register_without_torch(registered)
     second = artifact_store_bytes() - first
     with capsys.disabled():
         print(f"\nartifact store per version, log_weights=adapter: {first} and {second} bytes "
@@ -124,14 +156,14 @@ def test_each_version_stores_about_the_adapter_not_the_model(registered, capsys)
     assert int(MlflowClient().get_model_version_by_alias("tunepipe-demo", "candidate").version) == 2
 
 
-def test_the_version_names_its_base_and_the_dvc_hashes(registered):
+def test_the_version_names_its_base_and_the_dvc_hashes(shared):
     import mlflow
     from mlflow import MlflowClient
 
-    lock = write_lock(registered)  # same files, same md5s as the lock register read
-    manifest_sha = hashlib.sha256((registered / "models/base/manifest.json").read_bytes()).hexdigest()
+    lock = write_lock(shared)  # same files, same md5s as the lock register read
+    manifest_sha = hashlib.sha256((shared / "models/base/manifest.json").read_bytes()).hexdigest()
     expected = {"log_weights": "adapter", "base_source": "demo", "base_model_id": "", "base_revision": "",
-                "base_path": str((registered / "models/base").resolve()), "base_manifest_sha256": manifest_sha,
+                "base_path": str((shared / "models/base").resolve()), "base_manifest_sha256": manifest_sha,
                 "base_md5": lock["models/base"], "adapter_md5": lock["models/adapter"],
                 "model_md5": lock["models/merged"], "turbomind_md5": TURBOMIND_MD5}
     version = MlflowClient().get_model_version("tunepipe-demo", "1")
@@ -140,23 +172,13 @@ def test_the_version_names_its_base_and_the_dvc_hashes(registered):
     assert meta["log_weights"] == "adapter"
     assert meta["base"]["manifest_sha256"] == manifest_sha and meta["base"]["dvc_md5"] == lock["models/base"]
     assert meta["dvc_md5"] == {**lock, "models/turbomind": TURBOMIND_MD5}
-    (registered / "dl").mkdir()
-    files = Path(mlflow.artifacts.download_artifacts("models:/tunepipe-demo/1", dst_path=str(registered / "dl")))
+    (shared / "dl").mkdir()
+    files = Path(mlflow.artifacts.download_artifacts("models:/tunepipe-demo/1", dst_path=str(shared / "dl")))
     weights = {f.relative_to(files).as_posix() for f in files.rglob("*.safetensors")}
     assert weights == {"artifacts/adapter/adapter_model.safetensors"}
 
 
-def test_register_loads_no_model(registered):
-    """A second registration in a fresh interpreter never imports torch, so it loads no weights."""
-    code = ("import sys, runpy; sys.argv = ['register']; runpy.run_module('stages.register', run_name='__main__'); "
-            "assert 'torch' not in sys.modules, 'register imported torch'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=registered, capture_output=True, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((registered / "registry/record.json").read_text())["version"] == 2
-
-
-def test_pyfunc_loads_the_adapter_onto_its_base(registered):
+def test_pyfunc_loads_the_adapter_onto_its_base(shared):
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM
@@ -166,23 +188,23 @@ def test_pyfunc_loads_the_adapter_onto_its_base(registered):
     assert isinstance(replies, list) and len(replies) == 1 and isinstance(replies[0], str)
     inner = loaded.unwrap_python_model()
     assert type(inner.model).__name__ == "PeftModelForCausalLM"
-    merged = AutoModelForCausalLM.from_pretrained(registered / "models/merged")
+    merged = AutoModelForCausalLM.from_pretrained(shared / "models/merged")
     batch = inner.tokenizer(["<|im_start|>user\nWhat is aspirin?<|im_end|>\n"], return_tensors="pt")
     with torch.no_grad():
         assert (inner.model(**batch).logits - merged(**batch).logits).abs().max() < 1e-3
 
 
-def test_upload_publishes_models_merged_with_the_adapter_and_a_card(registered):
-    run_stage(registered, "upload")
-    receipt = json.loads((registered / "upload/receipt.json").read_text())
-    dest = registered / receipt["destination"]
-    assert dest == registered / "dist/models/tunepipe-demo/v1" and receipt["log_weights"] == "adapter"
-    same_weights(dest, registered / "models/merged")
+def test_upload_publishes_models_merged_with_the_adapter_and_a_card(shared):
+    run_stage(shared, "upload")
+    receipt = json.loads((shared / "upload/receipt.json").read_text())
+    dest = shared / receipt["destination"]
+    assert dest == shared / "dist/models/tunepipe-demo/v1" and receipt["log_weights"] == "adapter"
+    same_weights(dest, shared / "models/merged")
     assert (dest / "adapter/adapter_model.safetensors").read_bytes() == \
-        (registered / "models/adapter/adapter_model.safetensors").read_bytes()
+        (shared / "models/adapter/adapter_model.safetensors").read_bytes()
     assert {"model.safetensors", "adapter/adapter_model.safetensors", "README.md"} <= set(receipt["files"])
     card = (dest / "README.md").read_text()
-    record = json.loads((registered / "registry/record.json").read_text())
+    record = json.loads((shared / "registry/record.json").read_text())
     assert record["run_id"] in card and record["model_md5"] in card and record["base"]["manifest_sha256"] in card
 
 
@@ -212,11 +234,13 @@ def test_upload_refuses_merged_weights_other_than_the_registered_ones(registered
 
 
 def test_log_weights_merged_registers_and_uploads_the_merged_files(pipeline, workdir, monkeypatch, capsys):
+    import mlflow
     from mlflow import MlflowClient
 
     write_params(workdir, {"register": {"log_weights": "merged"}})
     prepare(pipeline, workdir, monkeypatch)
-    run_stage(workdir, "register")
+    register_without_torch(workdir)  # the merged files are copied as they are, never loaded
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     merged_weights = (workdir / "models/merged/model.safetensors").stat().st_size
     growth = artifact_store_bytes()
     with capsys.disabled():
@@ -231,10 +255,9 @@ def test_log_weights_merged_registers_and_uploads_the_merged_files(pipeline, wor
     assert (dest / "adapter/adapter_config.json").exists() and (dest / "README.md").exists()
 
 
-def test_upload_refuses_an_unregistered_version(registered):
-    record_path = registered / "registry/record.json"
-    record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "version": 99, "model_uri": "models:/tunepipe-demo/99"}))
+def test_upload_refuses_an_unregistered_version(shared):
+    record = json.loads((shared / "registry/record.json").read_text())
+    (shared / "registry/record99.json").write_text(json.dumps({**record, "version": 99, "model_uri": "models:/tunepipe-demo/99"}))
     with pytest.raises(StageError, match="not registered"):
-        run_stage(registered, "upload")
-    assert not (registered / "dist/models/tunepipe-demo/v99").exists()
+        run_stage(shared, "upload", "--record", "registry/record99.json", "--receipt", "upload/receipt99.json")
+    assert not (shared / "dist/models/tunepipe-demo/v99").exists()
