@@ -14,6 +14,8 @@ What is logged as the model (register.log_weights):
   models/, DVC cache): an experiment adds about the adapter's size to the MLflow artifact store,
   not a third full copy of the model. upload publishes models/merged after checking its md5.
 - merged: the merged model's files as they are on disk (and the adapter), as before.
+Every folder logged is hashed here as DVC does and must match its md5 in dvc.lock (for merged,
+that reads the merged weights once), so the version's hashes name what it holds.
 
 Mechanism: mlflow.pyfunc.log_model(python_model=stages/registered_model.py, artifacts={adapter or
 merged folder}, model_config={where the base is}, metadata={"tunepipe": base reference and hashes}).
@@ -222,6 +224,7 @@ def log_model(mlflow, args, reference: dict):
     metadata = {"tunepipe": {k: reference[k] for k in ["log_weights", "base", "dvc_md5"]}}
     return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
                                    model_config=model_config, metadata=metadata, pip_requirements=requirements)
+
 
 if __name__ == "__main__":
     run_stage(main)

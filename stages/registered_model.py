@@ -48,8 +48,10 @@ class TunepipeChatModel(PythonModel):
             from peft import PeftModel
 
             source, load = base_location(config)
-            tokenizer_from = artifacts["adapter"] if os.path.exists(os.path.join(artifacts["adapter"], "tokenizer_config.json")) else source
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, **(load if tokenizer_from == source else {}))
+            if os.path.exists(os.path.join(artifacts["adapter"], "tokenizer_config.json")):  # train saves it there
+                self.tokenizer = AutoTokenizer.from_pretrained(artifacts["adapter"])
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(source, **load)
             base = AutoModelForCausalLM.from_pretrained(source, dtype="auto", **load)
             self.model = PeftModel.from_pretrained(base, artifacts["adapter"])
         self.model.eval()
