@@ -2,22 +2,50 @@
 
 DVC skips stages whose deps did not change, so no single process sees every stage run. This
 stage reads what they left behind instead: params.yaml (flattened), every metrics file, the loss
-curve, dvc.lock's hashes of the data and the model, and the git commit. Then it logs the merged
-model, registers it as a new version of the registered model, points the alias at it and tags
-the version with the eval scores. Tracking store: MLFLOW_TRACKING_URI if set, else register.tracking_uri.
+curve, dvc.lock's hashes of the data and the models, and the git commit. Then it logs the model,
+registers it as a new version of the registered model, points the alias at it and tags the
+version with the eval scores. Tracking store: MLFLOW_TRACKING_URI if set, else register.tracking_uri.
+
+What is logged as the model (register.log_weights):
+- adapter (default): the PEFT adapter (models/adapter, megabytes) and a reference to the base
+  (source, Hugging Face id and resolved commit or local folder, sha256 of models/base/manifest.json,
+  dvc.lock's md5 of models/base), with dvc.lock's md5 of models/adapter, models/merged and
+  models/turbomind. The weights of base and merged model stay where they are (Hugging Face cache,
+  models/, DVC cache): an experiment adds about the adapter's size to the MLflow artifact store,
+  not a third full copy of the model. upload publishes models/merged after checking its md5.
+- merged: the merged model's files as they are on disk (and the adapter), as before.
+Every folder logged is hashed here as DVC does and must match its md5 in dvc.lock (for merged,
+that reads the merged weights once), so the version's hashes name what it holds.
+
+Mechanism: mlflow.pyfunc.log_model(python_model=stages/registered_model.py, artifacts={adapter or
+merged folder}, model_config={where the base is}, metadata={"tunepipe": base reference and hashes}).
+pyfunc copies the artifact folders file by file and loads nothing here (no input_example and explicit
+pip_requirements, so MLflow neither runs the model nor infers its requirements by loading it);
+mlflow.pyfunc.load_model(version) later loads base + adapter with peft where the base is reachable.
+MLflow's transformers flavour does reference a base for PEFT models (hub id, or base_model_path), but
+only given the PeftModel in memory: logging would load the full base weights on this CPU, which
+this stage must not do, and for a base that is not a hub id it saves the base weights after all.
+The reference and hashes are also version tags (base_*, adapter_md5, model_md5 = models/merged,
+turbomind_md5, log_weights) so the registry UI and MlflowClient searches show them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import subprocess
+from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from stages.common import Params, StageError, load_params, read_jsonl, run_stage, write_json
+from stages.common import Params, StageError, load_params, read_jsonl, resolve_base, run_stage, write_json
+from stages.dvc_hashes import dvc_md5, lock_hashes
+
+MODEL_CODE = Path(__file__).with_name("registered_model.py")  # the pyfunc model, logged as code
 
 
 class RegisterParams(Params):
@@ -26,6 +54,7 @@ class RegisterParams(Params):
     model_name: str = "tunepipe-demo"
     alias: str = "candidate"         # moved to each new version; promote to @champion after review
     sample_generations: int = 5
+    log_weights: Literal["adapter", "merged"] = "adapter"  # adapter (+ base reference) | merged (full copy)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -46,31 +75,20 @@ def git(*args: str) -> str:
         return "unknown"
 
 
-def lock_hashes(lock_path: Path) -> dict:
-    """md5 of every stage out recorded in dvc.lock: what data and which weights this run used."""
-    if not lock_path.exists():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    hashes = {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs", []):
-            hashes[out["path"]] = out.get("md5", "")
-    return hashes
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--metrics-dir", default="metrics")
     ap.add_argument("--plots-dir", default="plots")
     ap.add_argument("--merged", default="models/merged")
+    ap.add_argument("--adapter", default="models/adapter")
+    ap.add_argument("--base", default="models/base")
+    ap.add_argument("--turbomind", default="models/turbomind", help="only its md5 in dvc.lock is read")
     ap.add_argument("--predictions", default="eval/predictions.jsonl")
     ap.add_argument("--lock", default="dvc.lock")
     ap.add_argument("--out", default="registry/record.json")
     args = ap.parse_args()
     p = load_params("register", RegisterParams)
 
-    # The merged model is local; without this MLflow asks the Hugging Face hub for a model card.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import mlflow
     from mlflow import MlflowClient
 
@@ -84,10 +102,15 @@ def main() -> None:
         metrics.update({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     hashes = lock_hashes(Path(args.lock))
     data_hash = hashes.get("data/split", "")
-    model_hash = hashes.get("models/merged", "")
+    reference = model_reference(args, p.log_weights, hashes)
+    ref_tags = reference_tags(reference)
+    model_hash = ref_tags["model_md5"]
+    if p.log_weights == "adapter" and not model_hash:
+        print(f"register: warning: {args.lock} records no md5 of {args.merged}: upload cannot verify the merged "
+              f"weights of this version and will refuse it")
     tags = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
-            "data_md5": data_hash, "model_md5": model_hash, "train_backend": all_params["train"]["backend"],
+            "data_md5": data_hash, "train_backend": all_params["train"]["backend"], **ref_tags,
             **{f"dvc_lock.{path}": md5 for path, md5 in hashes.items()}}
 
     run_name = os.environ.get("DVC_EXP_NAME") or f"{all_params['train']['backend']}-{tags['git_commit'][:8]}"
@@ -101,19 +124,62 @@ def main() -> None:
                 mlflow.log_artifact(extra)
         mlflow.log_artifacts(args.metrics_dir, "metrics")
         log_sample_generations(mlflow, Path(args.predictions), p.sample_generations)
-        model_info = log_merged_model(mlflow, args.merged)
+        model_info = log_model(mlflow, args, reference)
 
         client = MlflowClient()
         version = mlflow.register_model(model_info.model_uri, p.model_name, tags={
-            "git_commit": tags["git_commit"], "data_md5": data_hash, "model_md5": model_hash, "run_id": run.info.run_id,
+            "git_commit": tags["git_commit"], "data_md5": data_hash, "run_id": run.info.run_id, **ref_tags,
             **{k: str(v) for k, v in metrics.items() if k.startswith("eval.")}})
         client.set_registered_model_alias(p.model_name, p.alias, version.version)
 
     record = {"run_id": run.info.run_id, "experiment": p.experiment, "tracking_uri": tracking_uri, "model_name": p.model_name,
               "version": int(version.version), "alias": p.alias, "model_uri": f"models:/{p.model_name}/{version.version}",
-              "git_commit": tags["git_commit"], "data_md5": data_hash, "model_md5": model_hash}
+              "git_commit": tags["git_commit"], "data_md5": data_hash, "model_md5": model_hash,
+              "log_weights": p.log_weights, "base": reference["base"], "dvc_md5": reference["dvc_md5"]}
     write_json(args.out, record)
-    print(f"register: run {run.info.run_id}, {p.model_name} version {version.version} @{p.alias} ({tracking_uri})")
+    print(f"register: run {run.info.run_id}, {p.model_name} version {version.version} @{p.alias} "
+          f"({p.log_weights} logged; {tracking_uri})")
+
+
+def model_reference(args, log_weights: str, hashes: dict) -> dict:
+    """What the version is: the base it applies to, and DVC's md5 of every model folder. The folders
+    logged as artifacts are hashed here and must match dvc.lock, so the hashes name what was logged."""
+    manifest_path = Path(args.base) / "manifest.json"
+    if not manifest_path.exists():
+        raise StageError(f"{manifest_path}: no base manifest (run the base stage)")
+    if not Path(args.adapter, "adapter_config.json").exists():
+        raise StageError(f"{args.adapter}: no adapter_config.json (run the train stage)")
+    if log_weights == "merged" and not Path(args.merged, "config.json").exists():
+        raise StageError(f"{args.merged}: no merged model (run the merge stage)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    location, load = resolve_base(args.base)
+    local = Path(location)
+    base = {"source": manifest["source"], "model_id": manifest.get("model_id") or "",
+            "revision": load["revision"] or "", "path": str(local.resolve()) if local.is_dir() else "",
+            "trust_remote_code": load["trust_remote_code"],
+            "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
+            "dvc_md5": hashes.get(Path(args.base).as_posix(), "")}
+    dvc = {key: hashes.get(key, "") for key in
+           [Path(args.base).as_posix(), Path(args.adapter).as_posix(), Path(args.merged).as_posix(),
+            Path(args.turbomind).as_posix(), "data/split"]}
+    logged = [args.adapter] + ([args.merged] if log_weights == "merged" else [])
+    for folder in logged:
+        key, md5 = Path(folder).as_posix(), dvc_md5(folder)
+        if dvc[key] and dvc[key] != md5:
+            raise StageError(f"{folder} (md5 {md5}) is not what {args.lock} records ({dvc[key]}): "
+                             f"run `dvc checkout {key}` or `dvc repro` first")
+        dvc[key] = md5
+    return {"log_weights": log_weights, "base": base, "dvc_md5": dvc,
+            "adapter": Path(args.adapter).as_posix(), "merged": Path(args.merged).as_posix(),
+            "turbomind": Path(args.turbomind).as_posix()}
+
+
+def reference_tags(reference: dict) -> dict:
+    base, dvc = reference["base"], reference["dvc_md5"]
+    return {"log_weights": reference["log_weights"], "base_source": base["source"], "base_model_id": base["model_id"],
+            "base_revision": base["revision"], "base_path": base["path"], "base_manifest_sha256": base["manifest_sha256"],
+            "base_md5": base["dvc_md5"], "adapter_md5": dvc[reference["adapter"]],
+            "model_md5": dvc[reference["merged"]], "turbomind_md5": dvc[reference["turbomind"]]}
 
 
 def log_curves_and_plots(mlflow, plots_dir: Path) -> None:
@@ -144,23 +210,20 @@ def log_sample_generations(mlflow, predictions: Path, n: int) -> None:
         mlflow.log_text("\n\n".join(json.dumps(r, ensure_ascii=False, indent=1) for r in rows), "sample_generations.txt")
 
 
-def log_merged_model(mlflow, merged: str):
-    """Log the merged model with MLflow's transformers flavour (a LoggedModel) for registration."""
-    if not Path(merged, "config.json").exists():
-        raise StageError(f"{merged}: no merged model (run the merge stage)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import torch
-    import transformers
-
-    from stages.remote_code import load_kwargs
-
-    model = AutoModelForCausalLM.from_pretrained(merged, **load_kwargs(merged))  # with the code it ships, if any
-    tokenizer = AutoTokenizer.from_pretrained(merged, **load_kwargs(merged))
-    # pip_requirements given explicitly: MLflow's inference adds torchvision, which is not installed
-    return mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
-        pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"])
+def log_model(mlflow, args, reference: dict):
+    """Log the pyfunc model (stages/registered_model.py): the adapter folder, plus the merged folder when
+    log_weights is merged, copied file by file. No model is loaded: nothing here imports torch."""
+    artifacts = {"adapter": str(Path(args.adapter).resolve())}
+    if reference["log_weights"] == "merged":
+        artifacts["merged"] = str(Path(args.merged).resolve())
+    base = reference["base"]
+    model_config = {"base_path": base["path"], "base_model_id": base["model_id"] if base["source"] == "hf" else "",
+                    "base_revision": base["revision"], "trust_remote_code": base["trust_remote_code"], "max_new_tokens": 128}
+    # explicit requirements: inferring them would load the model in a subprocess
+    requirements = [f"{name}=={installed_version(name).split('+')[0]}" for name in ["mlflow", "torch", "transformers", "peft"]]
+    metadata = {"tunepipe": {k: reference[k] for k in ["log_weights", "base", "dvc_md5"]}}
+    return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
+                                   model_config=model_config, metadata=metadata, pip_requirements=requirements)
 
 
 if __name__ == "__main__":
