@@ -199,8 +199,8 @@ def test_xtuner_trains_on_the_chat_template_tokens(trained):
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS=")), None)
     assert line, proc.stderr[-3000:]
     rows = json.loads(line[len("TOKENS="):])["rows"]
-    convs = conversations()
-    assert len(rows) == len(convs) and all(r["same"] for r in rows)
+    convs = conversations()[:20]  # the train split the fixture writes
+    assert len(rows) == 20 and all(r["same"] for r in rows)
     for row, messages in zip(rows, convs):
         answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
         assert row["trained"] == "".join(answers)
