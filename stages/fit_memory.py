@@ -135,8 +135,9 @@ def preserved(model):
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def measure(step: Callable[[list[dict]], object], examples: list[dict], model, device) -> int | None:
-    """Peak bytes allocated during one train step on `examples`; None if it ran out of memory."""
+def measure_cuda(step: Callable[[list[dict]], object], examples: list[dict], model, device) -> int | None:
+    """Peak bytes allocated on a CUDA device during step(examples), one real train step; None if it
+    ran out of memory (the step's gradients and cached blocks are freed then)."""
     import torch
 
     torch.cuda.synchronize(device)
@@ -163,49 +164,48 @@ def cuda_limit(device) -> tuple[int, float]:
     return memory_limit(total, free, torch.cuda.memory_reserved(device), fraction), fraction
 
 
-def auto_step_tokens(step, model, examples: list[dict], plan: Callable[[int], list[list[int]]], pack: bool,
-                     row: int, max_length: int, share: float, device) -> tuple[int, dict]:
-    """(budget, report) on a CUDA device, as the module docstring says. step(conversations) runs one
-    real train step; plan(budget) gives the first epoch's steps (indices into examples)."""
-    limit, fraction = cuda_limit(device)
+def auto_step_tokens(measure: Callable[[list[dict]], int | None], examples: list[dict],
+                     plan: Callable[[int], list[list[int]]], pack: bool, row: int, max_length: int, share: float,
+                     limit: int) -> tuple[int, dict]:
+    """(budget, report), as the module docstring says. measure(conversations) runs one real train
+    step and returns its peak bytes (None: out of memory); plan(budget) gives the first epoch's
+    steps as indices into examples; limit: bytes this process may allocate."""
     allowed = share * limit
     lengths = [len(e["input_ids"]) for e in examples]
-    report = {"row_tokens": row, "limit_mb": round(limit / MiB, 1), "memory_fraction": fraction,
-              "memory_share": share}
+    report = {"row_tokens": row, "limit_mb": round(limit / MiB, 1), "memory_share": share}
 
     def worst_step(budget: int) -> tuple[int, list[int]]:
         return max((padded_tokens([lengths[i] for i in s], pack, row), s) for s in plan(budget)[:STEPS_CHECKED])
 
-    with preserved(model):
-        points = []
-        for rows in (PROBE_ROWS[0], *PROBE_ROWS):  # the first is a warm-up (optimizer state, workspaces)
-            peak = measure(step, probe_examples(examples, rows, row, max_length), model, device)
-            if peak is None:
+    points = []
+    for rows in (PROBE_ROWS[0], *PROBE_ROWS):  # the first is a warm-up (optimizer state, workspaces)
+        peak = measure(probe_examples(examples, rows, row, max_length))
+        if peak is None:
+            break
+        points.append((rows * row, peak))
+    if not points:
+        raise StageError(f"train.step_tokens auto: one row of {row} tokens ran out of GPU memory ({limit / GiB:.2f} "
+                         "GiB may be allocated); shorten train.max_length/pack_tokens or set "
+                         "train.gradient_checkpointing, train.loss_chunk_size or train.quantize nf4")
+    points = points[1:]
+    report.update(probe_tokens=[x for x, _ in points], probe_peak_mb=[round(y / MiB, 1) for _, y in points])
+    if len(points) < 2:  # two rows ran out of memory: one row it is (it ran)
+        budget, attempt, (padded, _), peak = row, 0, worst_step(row), points[0][1]
+        fixed, per_token = float(peak), 0.0
+    else:
+        fixed, per_token = fit_line(points)
+        for attempt in range(1, TRIES + 1):
+            budget = pick_budget(fixed, per_token, allowed, row, sum(lengths), lambda b: worst_step(b)[0])
+            if not budget:
+                raise too_small(row, fixed, per_token, allowed, limit, share)
+            padded, indices = worst_step(budget)
+            peak = measure([examples[i] for i in indices])
+            if peak is not None and peak <= limit:
                 break
-            points.append((rows * row, peak))
-        if not points:
-            raise StageError(f"train.step_tokens auto: one row of {row} tokens ran out of GPU memory ({limit / GiB:.2f} "
-                             "GiB may be allocated); shorten train.max_length/pack_tokens or set "
-                             "train.gradient_checkpointing, train.loss_chunk_size or train.quantize nf4")
-        points = points[1:]
-        report.update(probe_tokens=[x for x, _ in points], probe_peak_mb=[round(y / MiB, 1) for _, y in points])
-        if len(points) < 2:  # two rows ran out of memory: one row it is (it ran)
-            budget, attempt, (padded, _), peak = row, 0, worst_step(row), points[0][1]
-            fixed, per_token = float(peak), 0.0
+            allowed *= 0.9
         else:
-            fixed, per_token = fit_line(points)
-            for attempt in range(1, TRIES + 1):
-                budget = pick_budget(fixed, per_token, allowed, row, sum(lengths), lambda b: worst_step(b)[0])
-                if not budget:
-                    raise too_small(row, fixed, per_token, allowed, limit, share)
-                padded, indices = worst_step(budget)
-                peak = measure(step, [examples[i] for i in indices], model, device)
-                if peak is not None and peak <= limit:
-                    break
-                allowed *= 0.9
-            else:
-                raise StageError(f"train.step_tokens auto: a step of {budget} tokens still ran out of GPU memory "
-                                 f"({limit / GiB:.2f} GiB may be allocated) after {TRIES} tries; set train.step_tokens")
+            raise StageError(f"train.step_tokens auto: a step of {budget} tokens still ran out of GPU memory "
+                             f"({limit / GiB:.2f} GiB may be allocated) after {TRIES} tries; set train.step_tokens")
     report.update(fixed_mb=round(fixed / MiB, 1), per_1k_tokens_mb=round(per_token * 1024 / MiB, 3), tries=attempt,
                   worst_step_padded_tokens=padded, capped_at_train_tokens=budget >= sum(lengths),
                   predicted_peak_mb=round((fixed + per_token * padded) / MiB, 1), verified_peak_mb=round(peak / MiB, 1))

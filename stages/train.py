@@ -428,7 +428,7 @@ def resolve_step_tokens(model, examples: list[dict], p: TrainParams, pad_id: int
         return p.model_copy(update={"step_tokens": None}), {"step_tokens": None, "step_tokens_auto": "no GPU: batch_size"}
     import torch
 
-    from stages.fit_memory import auto_step_tokens
+    from stages.fit_memory import auto_step_tokens, cuda_limit, measure_cuda, preserved
 
     optimizer = make_optimizer(model, p, device)  # a throwaway: the probes' optimizer state is not kept
     step = lambda conversations: train_step(model, make_batch(conversations, p, pad_id, device), optimizer, p)  # noqa: E731
@@ -436,8 +436,11 @@ def resolve_step_tokens(model, examples: list[dict], p: TrainParams, pad_id: int
                                      random.Random(p.seed))  # the first epoch's steps, as training plans them
     model.train()
     row = (p.pack_tokens or p.max_length) if p.pack else p.max_length
-    budget, report = auto_step_tokens(step, model, examples, plan, p.pack, row, p.max_length, p.step_tokens_memory,
-                                      device)
+    limit, fraction = cuda_limit(device)
+    with preserved(model):  # the probe steps' updates and random numbers are undone
+        budget, report = auto_step_tokens(lambda conversations: measure_cuda(step, conversations, model, device),
+                                          examples, plan, p.pack, row, p.max_length, p.step_tokens_memory, limit)
+    report["memory_fraction"] = fraction
     del optimizer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb is training's own

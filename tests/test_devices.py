@@ -14,9 +14,9 @@ import torch
 
 from conftest import copy_outputs, run_stage, write_params
 from stages.common import StageError, pick_device, pick_dtype
-from stages.fit_memory import (fit_line, memory_limit, padded_tokens, pick_budget, probe_examples,
-                               too_small)
-from stages.train import (LoraParams, TrainParams, batch_loss, build_model, collate, make_batch,
+from stages.fit_memory import (auto_step_tokens, fit_line, memory_limit, padded_tokens, pick_budget, preserved,
+                               probe_examples, too_small)
+from stages.train import (LoraParams, TrainParams, batch_loss, build_model, collate, make_batch, plan_steps,
                           resolve_step_tokens, tokenize_conversation)
 
 GPU = torch.cuda.is_available()
@@ -224,6 +224,81 @@ def test_probe_examples_fill_whole_rows():
         assert max(len(e["input_ids"]) for e in probe) <= max_length
         assert all(e["labels"] == e["input_ids"] for e in probe)
         assert list(collate(probe, True, row, 0)["input_ids"].shape) == [rows, row]
+
+
+ROW, MAX_LENGTH = 1024, 512
+
+
+def selection(fixed: float, per_token: float, limit: float, quadratic: float = 0.0, share: float = 0.9):
+    """auto_step_tokens over 3000 conversations of 16-512 tokens packed into rows of 1024, with a
+    memory model standing in for the GPU: a step's peak is fixed + per_token x (+ quadratic x^2),
+    x the tokens of the batch collate builds (as the GPU measure runs the step); past `limit` the
+    step runs out of memory. Returns (budget, report, the plan function, the sizes measured)."""
+    rng = random.Random(0)
+    examples = [{"input_ids": [7] * n, "labels": [7] * n} for n in (rng.randint(16, MAX_LENGTH) for _ in range(3000))]
+    p = TrainParams(step_tokens=1, pack_tokens=ROW, max_length=MAX_LENGTH)
+    measured = []
+
+    def measure(conversations):
+        x = collate(conversations, True, ROW, 0)["input_ids"].numel()
+        measured.append(x)
+        peak = fixed + per_token * x + quadratic * x * x
+        return int(peak) if peak <= limit else None
+
+    def plan(budget):
+        return plan_steps(examples, p.model_copy(update={"step_tokens": budget}), random.Random(0))
+
+    budget, report = auto_step_tokens(measure, examples, plan, True, ROW, MAX_LENGTH, share, int(limit))
+    return budget, report, plan, measured, examples
+
+
+def worst_batch(plan, examples, budget: int) -> int:
+    return max(padded_tokens([len(examples[i]["input_ids"]) for i in s], True, ROW) for s in plan(budget)[:512])
+
+
+def test_auto_step_tokens_takes_the_largest_budget_that_fits():
+    budget, report, plan, measured, examples = selection(fixed=2 * GiB, per_token=256 * 1024, limit=10 * GiB)
+    room = (0.9 * 10 * GiB - 2 * GiB) // (256 * 1024)  # padded tokens a step may have: 28672
+    assert measured[:3] == [ROW, ROW, 2 * ROW]  # warm-up, then the two probes
+    assert budget % ROW == 0 and worst_batch(plan, examples, budget) <= room < worst_batch(plan, examples, budget + ROW)
+    assert budget > 0.8 * room  # packing costs a little, not a lot
+    assert report["tries"] == 1 and report["verified_peak_mb"] <= report["limit_mb"]
+    assert report["per_1k_tokens_mb"] == pytest.approx(256.0) and report["fixed_mb"] == pytest.approx(2048.0)
+    assert report["probe_tokens"] == [ROW, 2 * ROW] and not report["capped_at_train_tokens"]
+
+
+def test_auto_step_tokens_backs_off_when_the_extrapolation_is_wrong():
+    # memory grows faster than the two small probes show: the first pick runs out of memory
+    budget, report, plan, measured, examples = selection(fixed=2 * GiB, per_token=256 * 1024, limit=10 * GiB,
+                                                         quadratic=2.0)
+    assert report["tries"] >= 2 and budget % ROW == 0
+    x = measured[-1]  # the verified step
+    assert 2 * GiB + 256 * 1024 * x + 2.0 * x * x <= 10 * GiB
+
+
+def test_auto_step_tokens_stops_before_running_out_when_one_row_does_not_fit():
+    with pytest.raises(StageError, match=r"train\.step_tokens auto: one row of 1024 tokens needs ~8\.\d\d GiB"):
+        selection(fixed=8 * GiB, per_token=256 * 1024, limit=9 * GiB)  # runs, but past 0.9 x 9 GiB
+    with pytest.raises(StageError, match=r"train\.step_tokens auto: one row of 1024 tokens ran out of GPU memory"):
+        selection(fixed=10 * GiB, per_token=256 * 1024, limit=9 * GiB)
+    # one row runs, two do not: one row it is
+    budget, report, *_ = selection(fixed=8 * GiB, per_token=GiB / 1024, limit=9.5 * GiB, share=1.0)
+    assert budget == ROW and report["tries"] == 0
+
+
+def test_probe_steps_leave_weights_and_random_numbers_as_they_were():
+    layer = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.set_rng_state(state)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    with preserved(layer):
+        layer(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        assert not torch.equal(layer.weight, before["weight"])
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    assert layer.weight.grad is None and torch.equal(torch.rand(3), expected)
 
 
 def test_step_tokens_auto_on_cpu_falls_back_to_batch_size(capsys):
