@@ -17,7 +17,7 @@ Method (CUDA), run by stages.train before training starts:
              batch collate builds (rows x width), which packing makes a little more than its budget.
              Capped at the train split's own tokens (a bigger budget would change nothing).
   5. verify  one real step on the plan's largest batch. If it runs out of memory or peaks over the
-             limit, the allowed memory shrinks by 10% and 4-5 run again (three tries in all).
+             limit, the memory allowed for tokens shrinks by a quarter and 4-5 run again (three tries).
 If even one row is predicted not to fit (or does not), a one-line StageError names
 train.step_tokens and the numbers, before training starts. On a CPU nothing is measured: steps are
 train.batch_size conversations, as with step_tokens null, and a one-line note says so.
@@ -202,7 +202,7 @@ def auto_step_tokens(measure: Callable[[list[dict]], int | None], examples: list
             peak = measure([examples[i] for i in indices])
             if peak is not None and peak <= limit:
                 break
-            allowed *= 0.9
+            allowed = fixed + 0.75 * (allowed - fixed)  # room for a quarter fewer tokens
         else:
             raise StageError(f"train.step_tokens auto: a step of {budget} tokens still ran out of GPU memory "
                              f"({limit / GiB:.2f} GiB may be allocated) after {TRIES} tries; set train.step_tokens")
