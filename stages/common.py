@@ -147,3 +147,12 @@ def pick_device(setting: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(setting: str, device: str) -> str:
+    """`auto` -> bfloat16 on cuda (half the memory, full speed on tensor cores), float32 on a CPU
+    (where bf16 matmuls are slow and inexact); anything else as given. `device` as pick_device
+    returns it, so callers can ask what a GPU machine would get."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if device.startswith("cuda") else "float32"

@@ -9,16 +9,22 @@ Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it
    token (stages/chat_template.py), exactly as in training.
 2. Prepare each model OpenCompass should run: base (models/base, or the hub model its manifest
    pins), merged (models/merged) and the W4A16 AWQ artifact made for lmdeploy's TurboMind
-   (models/turbomind). TurboMind needs CUDA; on a CPU machine its packed int4 weights are
+   (models/turbomind). lmdeploy lives in another environment, so its packed int4 weights are
    dequantized back into a plain HF model and scored as `turbomind_w4a16_dequant`: the same
    quantized weights, run by transformers instead of TurboMind's kernels.
 3. Write an OpenCompass config (a custom chat dataset over the test rows, ChatInferencer in
    `last` mode = greedy generation of the final turn, ROUGE from OpenCompass's RougeEvaluator,
-   HuggingFacewithChatTemplate models on CPU) that a user can rerun as-is:
+   HuggingFacewithChatTemplate models, eval.batch_size conversations at a time) that a user can
+   rerun as-is:
        .venvs/opencompass/bin/opencompass eval/opencompass_config.py
 4. Run it through OpenCompass's own entry point (`python -m opencompass.cli.main <config>`),
    parse outputs/<name>/<timestamp>/summary/summary_<timestamp>.csv into metrics/eval.json, and
    collect the per-sample predictions into eval/predictions.jsonl.
+
+Device (hf_run_settings): eval.device auto puts every model on the GPU when there is one
+(model_kwargs device_map cuda, run_cfg num_gpus=1; eval.dtype auto = bfloat16, the dequantized
+AWQ model in eval.turbomind_dtype as TurboMind computes in fp16) and on the CPU otherwise
+(device_map cpu, num_gpus=0, float32).
 
 Everything under eval/ is written to a temporary sibling and renamed at the end.
 """
@@ -38,8 +44,8 @@ from pydantic import Field
 
 from stages.awq import dequantize_linear
 from stages.chat_template import stop_token_ids
-from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
-                           run_stage, write_json, write_jsonl)
+from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, pick_dtype,
+                           read_jsonl, resolve_base, run_stage, write_json, write_jsonl)
 from stages.remote_code import load_kwargs
 
 ModelName = Literal["base", "merged", "turbomind"]
@@ -51,7 +57,9 @@ class EvalParams(Params):
     max_samples: int = Field(0, ge=0)          # first N test conversations (0 = all)
     max_new_tokens: int = Field(64, ge=1)      # greedy decoding, stops at the template's end-of-turn token
     max_seq_len: int | None = Field(None, ge=1)  # prompt tokens kept (cut on the left); None: the model's max
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype (CPU: float32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible, else cpu
+    batch_size: int = Field(8, ge=1)           # conversations generated together (left-padded)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # HF compute dtype; auto: bf16 on cuda, fp32 on cpu
     turbomind_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # dequantized weights;
     # TurboMind's W4A16 kernels dequantize to fp16 too, so float16 mirrors what it computes.
 
@@ -142,8 +150,8 @@ def dequantize_awq(src: Path, dst: Path, dtype: str) -> dict:
         if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copy2(f, dst / f.name)
     return {"source": str(src), "quantization_config": qcfg, "dequantized_linears": n_quant, "dtype": dtype,
-            "note": "TurboMind needs CUDA; its W4A16 AWQ weights were dequantized ((q - zero) * scale) "
-                    "and run by transformers on CPU. Scores reflect the quantized weights, not TurboMind's kernels."}
+            "note": "TurboMind's W4A16 AWQ weights were dequantized ((q - zero) * scale) and run by "
+                    "transformers. Scores reflect the quantized weights, not TurboMind's kernels."}
 
 
 def opencompass_prompt(model_path: str, messages: list[dict]) -> str:
@@ -228,7 +236,8 @@ datasets = [
 models = [{models}
 ]
 
-# Tasks run one after another in this process: deterministic, no GPU, and the shim above applies.
+# Tasks run one after another in this process (one model at a time, on the device its entry names:
+# run_cfg num_gpus and model_kwargs device_map), deterministically, and the shim above applies.
 infer = dict(
     partitioner=dict(type='opencompass.partitioners.NaivePartitioner'),
     runner=dict(type='opencompass.runners.LocalRunner', max_num_workers=1, debug=True,
@@ -254,8 +263,8 @@ MODEL_ENTRY = '''
         stop_words={stop!r},
         max_seq_len={max_seq_len},
         max_out_len={max_new_tokens},
-        batch_size=1,
-        run_cfg=dict(num_gpus=0),
+        batch_size={batch_size},
+        run_cfg={run_cfg},
     ),'''
 
 
@@ -268,11 +277,22 @@ def config_path_expr(path: str, config_dir: Path) -> str:
     return repr(str(local) if Path(path).exists() else path)
 
 
-def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict], stop_words: list[str]) -> None:
-    """`path` is where the config is written now (a temporary sibling of `final_dir`)."""
+def hf_run_settings(device: str, dtype: str) -> dict:
+    """What an OpenCompass HuggingFace model entry needs to run on `device` (as pick_device returns
+    it) in eval.dtype `dtype`: a GPU for the task and the model on it, or the CPU."""
+    gpu = device.startswith("cuda")
+    return {"model_kwargs": {"device_map": device, "torch_dtype": pick_dtype(dtype, device)},
+            "run_cfg": {"num_gpus": 1 if gpu else 0}}
+
+
+def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict], device: str,
+                 stop_words: list[str]) -> None:
+    """`path` is where the config is written now (a temporary sibling of `final_dir`); the models
+    run on `device` (see hf_run_settings); a model's own "dtype" overrides eval.dtype."""
     entries = []
     for m in models:
-        model_kwargs = {"device_map": "cpu", "torch_dtype": p.dtype}
+        settings = hf_run_settings(device, m.get("dtype") or p.dtype)
+        model_kwargs = dict(settings["model_kwargs"])
         tokenizer_kwargs = {}
         if m.get("revision"):
             model_kwargs["revision"] = tokenizer_kwargs["revision"] = m["revision"]
@@ -282,7 +302,7 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict],
             abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
             tokenizer_path=config_path_expr(m.get("tokenizer_path", m["path"]), path.parent),
             tokenizer_kwargs=tokenizer_kwargs, stop=stop_words, max_seq_len=p.max_seq_len,
-            max_new_tokens=p.max_new_tokens))
+            max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, run_cfg=settings["run_cfg"]))
     text = CONFIG_HEAD.format(run_name=RUN_NAME, config_path=(final_dir / CONFIG_NAME).as_posix(),
                               meta_template=CHAT_META_TEMPLATE)
     text += CONFIG_BODY.format(dataset=p.dataset, max_new_tokens=p.max_new_tokens, models="".join(entries))
@@ -365,6 +385,7 @@ def main() -> None:
         raise StageError("params.yaml: eval.models is empty")
 
     rows = eval_rows(Path(args.test), p.max_samples)
+    device = pick_device(p.device)
     final_dir = Path(args.out)
     with atomic_path(final_dir, is_dir=True) as tmp:
         tmp = tmp.resolve()
@@ -394,20 +415,23 @@ def main() -> None:
                     print(f"eval: warning: turbomind not scored: {e}", file=sys.stderr)
                     continue
                 dequantized = tmp / "models" / TURBOMIND_ABBR
-                models.append({"abbr": TURBOMIND_ABBR, "path": str(dequantized), **load_kwargs(dequantized)})
+                # on a GPU, eval.dtype auto runs it in fp16 (turbomind_dtype) as TurboMind's kernels compute
+                models.append({"abbr": TURBOMIND_ABBR, "path": str(dequantized), **load_kwargs(dequantized),
+                               "dtype": p.turbomind_dtype if device == "cuda" and p.dtype == "auto" else None})
 
         if not models:
             raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")
         # The config names local folders relative to itself. It is written in the temporary
         # sibling of eval/, so the same relative paths hold once it is renamed into place.
-        write_config(tmp / CONFIG_NAME, final_dir, p, models, stop_words(args.base))
+        write_config(tmp / CONFIG_NAME, final_dir, p, models, device, stop_words(args.base))
         abbrs = [m["abbr"] for m in models]
         run_dir = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
         scores = read_summary(run_dir, p.dataset, abbrs)
         write_jsonl(tmp / "predictions.jsonl", read_predictions(run_dir, p.dataset, abbrs, rows))
         write_json(tmp / "summary.json", {
             "dataset": p.dataset, "test_rows": len(rows), "models": abbrs, "scores": scores,
-            "opencompass_run": run_dir.relative_to(tmp).as_posix(), "notes": notes})
+            "opencompass_run": run_dir.relative_to(tmp).as_posix(), "notes": notes, "device": device,
+            "batch_size": p.batch_size})
 
     write_json(args.metrics, {p.dataset: scores})
     for a in abbrs:

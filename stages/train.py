@@ -14,7 +14,10 @@ Speed options of the hf backend (defaults keep the plain, exact CPU path; benchm
   loss_chunk_size             cross-entropy from the hidden states a chunk at a time, so the
                               (tokens x vocab) fp32 logits never exist whole
   compile                     torch.compile of each decoder layer (norms, RoPE, SwiGLU, LoRA fused)
-  step_tokens / pack_tokens   token-budget steps packed into long rows
+  step_tokens / pack_tokens   token-budget steps packed into long rows; step_tokens auto measures
+                              the GPU and takes the largest budget that fits (stages/fit_memory.py)
+  gradient_checkpointing      recompute each decoder layer in the backward pass (non-reentrant
+                              torch checkpointing): less activation memory, ~1/3 more compute
   dtype=bfloat16              bf16 base; LoRA weights stay fp32 and run under bf16 autocast
   quantize=nf4                QLoRA: 4-bit base through bitsandbytes (CUDA)
 On one H100, bf16 + varlen + loss_chunk_size=4096 + compile + step_tokens=pack_tokens=16384 train a
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
@@ -53,7 +58,9 @@ class TrainParams(Params):
     epochs: int = 3
     lr: float = 2e-3
     batch_size: int = 8            # conversations per optimizer step (before packing)
-    step_tokens: int | None = None  # hf: token-budget steps instead: conversations until this many tokens
+    step_tokens: int | Literal["auto"] | None = None  # hf: token-budget steps instead: conversations until
+    # this many tokens; auto: the largest budget that fits the GPU (stages/fit_memory.py; CPU: batch_size)
+    step_tokens_memory: float = Field(0.9, gt=0, le=1)  # step_tokens auto: share of the GPU memory a step may use
     max_length: int = 512          # tokens; longer conversations are truncated
     pack: bool = True              # hf backend: pack samples into rows, isolated per document
     pack_tokens: int | None = None  # hf: packed row length (None: max_length)
@@ -374,7 +381,14 @@ def build_model(path: str, load: dict, p: TrainParams, device):
     if p.quantize == "none":
         model = model.to(device)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant checkpointing: the LoRA weights inside a layer get gradients even though the
+        # frozen layer's inputs need none; input grads on as well, for peft's reentrant expectations.
+        # (transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                              target_modules=p.lora.target_modules, task_type="CAUSAL_LM"))
@@ -398,6 +412,38 @@ def make_optimizer(model, p: TrainParams, device):
 
     return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr,
                              weight_decay=p.weight_decay, fused=True if device.type == "cuda" else None)
+
+
+def resolve_step_tokens(model, examples: list[dict], p: TrainParams, pad_id: int, device) -> tuple[TrainParams, dict]:
+    """p with step_tokens auto replaced by the budget this device fits (stages/fit_memory.py), and
+    what to report about it. Runs real train steps on a CUDA device, leaving the model as it was."""
+    if p.step_tokens != "auto":
+        return p, {"step_tokens": p.step_tokens}
+    if device.type != "cuda":
+        print(f"train: step_tokens auto measures GPU memory; on {device.type} steps are train.batch_size="
+              f"{p.batch_size} conversations (as step_tokens null)")
+        return p.model_copy(update={"step_tokens": None}), {"step_tokens": None, "step_tokens_auto": "no GPU: batch_size"}
+    import torch
+
+    from stages.fit_memory import auto_step_tokens, cuda_limit, measure_cuda, preserved
+
+    optimizer = make_optimizer(model, p, device)  # a throwaway: the probes' optimizer state is not kept
+    step = lambda conversations: train_step(model, make_batch(conversations, p, pad_id, device), optimizer, p)  # noqa: E731
+    plan = lambda budget: plan_steps(examples, p.model_copy(update={"step_tokens": budget}),  # noqa: E731
+                                     random.Random(p.seed))  # the first epoch's steps, as training plans them
+    model.train()
+    row = (p.pack_tokens or p.max_length) if p.pack else p.max_length
+    limit, fraction = cuda_limit(device)
+    with preserved(model):  # the probe steps' updates and random numbers are undone
+        budget, report = auto_step_tokens(lambda conversations: measure_cuda(step, conversations, model, device),
+                                          examples, plan, p.pack, row, p.max_length, p.step_tokens_memory, limit)
+    report["memory_fraction"] = fraction
+    del optimizer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb is training's own
+    print(f"train: step_tokens auto = {budget} (rows of {row} tokens; predicted peak {report['predicted_peak_mb']:.0f} "
+          f"MiB, measured {report['verified_peak_mb']:.0f} MiB of {report['limit_mb']:.0f} MiB this process may use)")
+    return p.model_copy(update={"step_tokens": budget}), {"step_tokens": budget, "step_tokens_auto": report}
 
 
 def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float:
@@ -429,6 +475,7 @@ def train_hf(p: TrainParams, args) -> dict:
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    p, step_report = resolve_step_tokens(model, train, p, pad_id, device)
 
     rng = random.Random(p.seed)
     plan = [plan_steps(train, p, rng) for _ in range(p.epochs)]
@@ -463,7 +510,7 @@ def train_hf(p: TrainParams, args) -> dict:
     return {"train_loss_final": curve[-1]["loss"], "val_loss_before": round(val_before, 6),
             "val_loss_after": round(val_after, 6), "steps": step, "train_tokens": tokens,
             "tokens_per_s": round(tokens / runtime, 1), "runtime_s": round(runtime, 2),
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": peak_memory_mb(), **step_report, "gradient_checkpointing": p.gradient_checkpointing,
             "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
 
 

@@ -21,7 +21,11 @@ and stops at its end-of-turn token; see `check_chat_templates` for the json's on
 
 Quantization error (metrics/turbomind.json): the artifact is dequantized here (unpacked the way
 TurboMind's AWQ loader unpacks it) and its logits compared with the merged fp model's on held-out
-train rows that were not used for calibration.
+train rows that were not used for calibration (in fp32, on the same device as the calibration).
+
+Device (turbomind_settings): turbomind.device auto calibrates on the GPU when there is one, else
+on the CPU; turbomind.dtype float16 (AWQ's own) works on both, bfloat16 needs cuda (lmdeploy's
+loader asserts it), so bfloat16 with no GPU stops with a one-line error.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from stages.common import (
     StageError,
     atomic_path,
     load_params,
+    pick_device,
     read_jsonl,
     render_chatml,
     run_stage,
@@ -66,7 +71,7 @@ class TurbomindParams(Params):
     search_scale: bool = False             # AWQ ratio search (slower); False: smooth with alpha 0.5
     batch_size: int = Field(1, ge=1)       # calibration blocks per forward
     dtype: Literal["float16", "bfloat16"] = "float16"  # calibration/artifact dtype (fp16: AWQ's own)
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible, else cpu
     eval_rows: int = Field(8, ge=1)        # held-out train rows for the logit error (not calibrated on)
     seed: int = 0                          # which rows are held out
 
@@ -75,6 +80,15 @@ class TurbomindParams(Params):
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise ValueError("dtype bfloat16 needs device cuda (lmdeploy's loader asserts it)")
         return self
+
+
+def turbomind_settings(device: str, dtype: str) -> dict:
+    """Where and in what lmdeploy calibrates, for a device as pick_device returns it ("cuda" when
+    a GPU is there, else "cpu") and turbomind.dtype."""
+    if dtype == "bfloat16" and not device.startswith("cuda"):
+        raise StageError(f"turbomind.dtype bfloat16 needs cuda, but turbomind.device resolved to {device} "
+                         "(no GPU visible): use float16")
+    return {"device": device, "dtype": dtype}
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -132,7 +146,7 @@ def local_calibration_data(blocks):
         calibrate_mod.get_calib_loaders = original
 
 
-def quantize(merged: Path, out: Path, blocks, p: TurbomindParams) -> None:
+def quantize(merged: Path, out: Path, blocks, p: TurbomindParams, settings: dict) -> None:
     from lmdeploy.lite.apis.auto_awq import auto_awq
 
     with local_calibration_data(blocks):
@@ -147,8 +161,8 @@ def quantize(merged: Path, out: Path, blocks, p: TurbomindParams) -> None:
             w_sym=False,  # asymmetric, with zero points: AWQ gemm as TurboMind loads it
             w_group_size=p.w_group_size,
             search_scale=p.search_scale,
-            device=p.device,
-            dtype=p.dtype,
+            device=settings["device"],
+            dtype=settings["dtype"],
             trust_remote_code=bool(load_kwargs(merged)),  # a merged model that ships its code
         )
 
@@ -269,13 +283,14 @@ def check_chat_templates(out: Path, tokenizer, rows: list[dict]) -> None:
         raise StageError(f"{json_file}: stop words {from_json.stop_words}, want [{STOP_TOKEN}]")
 
 
-def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict], seqlen: int) -> dict:
-    """Logits of the merged fp model vs the dequantized artifact on held-out rows (fp32 compute)."""
+def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict], seqlen: int,
+                device: str = "cpu") -> dict:
+    """Logits of the merged fp model vs the dequantized artifact on held-out rows (fp32 compute, on device)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fp = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **load_kwargs(merged)).eval()
+    fp = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **load_kwargs(merged)).to(device).eval()
     config = AutoConfig.from_pretrained(out, **load_kwargs(out))
     config.quantization_config = None
     del config.quantization_config
@@ -285,12 +300,13 @@ def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict
     if missing or unexpected:
         raise StageError(f"{out}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     q.tie_weights()
+    q.to(device)
 
     rel, kl, agree, nll_fp, nll_q, tokens = [], [], 0, 0.0, 0.0, 0
     with torch.inference_mode():
         for row in rows:
             ids = tokenizer(render(tokenizer, row["messages"]), add_special_tokens=False,
-                            return_tensors="pt")["input_ids"][:, :seqlen]
+                            return_tensors="pt")["input_ids"][:, :seqlen].to(device)
             lf, lq = fp(ids).logits[0].float(), q(ids).logits[0].float()
             rel.append(((lq - lf).norm() / lf.norm().clamp_min(1e-12)).item())
             logp_f, logp_q = F.log_softmax(lf, -1), F.log_softmax(lq, -1)
@@ -327,6 +343,7 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, default=Path("metrics/turbomind.json"))
     args = ap.parse_args()
     p = load_params("turbomind", TurbomindParams)
+    settings = turbomind_settings(pick_device(p.device), p.dtype)
     for path in (args.merged / "config.json", args.train):
         if not path.exists():
             raise StageError(f"{path}: not found")
@@ -337,15 +354,15 @@ def main() -> None:
     calib_rows, held_rows = split_rows(read_jsonl(args.train), p.eval_rows, p.seed)
     blocks = calibration_blocks(tokenizer, calib_rows, p.calib_samples, p.calib_seqlen)
     print(f"[turbomind] calibrating on {len(blocks)} x {blocks[0].shape[1]} tokens "
-          f"from {len(calib_rows)} rows; {len(held_rows)} rows held out")
+          f"from {len(calib_rows)} rows; {len(held_rows)} rows held out; on {settings['device']} in {settings['dtype']}")
 
     merged_bytes = weights_bytes(args.merged)
     with atomic_path(args.out, is_dir=True) as out:
-        quantize(args.merged, out, blocks, p)
+        quantize(args.merged, out, blocks, p, settings)
         finish_artifact(args.merged, out)
         state, n_linear = check_layout(out, p)
         check_chat_templates(out, tokenizer, held_rows)
-        metrics = quant_error(args.merged, out, state, tokenizer, held_rows, p.calib_seqlen)
+        metrics = quant_error(args.merged, out, state, tokenizer, held_rows, p.calib_seqlen, settings["device"])
         metrics.update({
             "quantized_linears": n_linear,
             "calib_blocks": len(blocks),

@@ -114,7 +114,7 @@ def test_eval_config_passes_the_flag_for_the_merged_model(chain, tmp_path):
 
     merged = chain / "models/merged"
     write_config(tmp_path / "oc.py", tmp_path, EvalParams(), [{"abbr": "merged", "path": str(merged),
-                                                                **load_kwargs(merged)}])
+                                                                **load_kwargs(merged)}], "cpu", ["<|im_end|>"])
     text = (tmp_path / "oc.py").read_text()
     assert text.count("'trust_remote_code': True") == 2  # model_kwargs and tokenizer_kwargs
 
