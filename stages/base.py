@@ -11,6 +11,7 @@ source: hf   -> a Hugging Face model id (or a local path) pinned to a revision; 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 from pathlib import Path
@@ -170,7 +171,14 @@ def write_tokenizer(manifest: dict, chat_template: str, out: Path) -> str:
         stop_token_ids(tokenizer)
     except TemplateError as e:
         raise StageError(f"{source}: {e}") from None
+    if converted and origin == "tokenizer":
+        return origin  # the converter wrote it as it should load
     tokenizer.save_pretrained(out)
+    if converted:  # keep the converter's class: transformers would rebuild a Llama tokenizer otherwise
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return origin
 
 

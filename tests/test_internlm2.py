@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, run_stage, write_params
 from remote_code_fixture import AGENT_SPECIALS, INTERNLM2_CHAT_TEMPLATE, TEXTS, write_internlm2
@@ -326,39 +327,22 @@ def test_converted_model_trains_and_merges_without_remote_code(converted, tmp_pa
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "models/merged")).__name__ == "LlamaForCausalLM"
 
 
-AWQ_SCRIPT = """
-import json, sys
-from pathlib import Path
-from transformers import AutoTokenizer
-from stages.common import read_jsonl
-from stages.turbomind import (TurbomindParams, calibration_blocks, check_layout, finish_artifact, quant_error,
-                              quantize, split_rows)
-merged, train, out = map(Path, sys.argv[1:4])
-p = TurbomindParams(calib_samples=16, calib_seqlen=64, eval_rows=4)
-tokenizer = AutoTokenizer.from_pretrained(merged)
-calib, held = split_rows(read_jsonl(train), p.eval_rows, p.seed)
-blocks = calibration_blocks(tokenizer, calib, p.calib_samples, p.calib_seqlen)
-out.mkdir()
-quantize(merged, out, blocks, p)
-finish_artifact(merged, out)
-state, n = check_layout(out, p)
-print(json.dumps({"quantized_linears": n, **quant_error(merged, out, state, tokenizer, held, p.calib_seqlen)}))
-"""
-
-
 @pytest.mark.skipif(not LMDEPLOY_PY.exists(), reason=".venvs/lmdeploy is missing: TUNEPIPE_ENVS=lmdeploy ./setup.sh")
 def test_lmdeploy_awq_quantizes_the_converted_layout(converted, tmp_path):
-    """The turbomind stage's quantize/check steps (lmdeploy's auto_awq, its LlamaForCausalLM
-    mapping, TurboMind's layout check, the dequantized logits) on the converted model. The
-    stage's last check (the tokenizer's template rendered exactly as the project's ChatML) is
-    not run: InternLM2's template puts <s> first."""
+    """The turbomind stage, as dvc runs it, on the converted model: lmdeploy's auto_awq with its
+    LlamaForCausalLM mapping, TurboMind's layout check, lmdeploy rendering InternLM2's own template
+    (<s> first) and stopping at <|im_end|>, the dequantized logits."""
     rows = [{"id": f"r{i}", "messages": CONVERSATIONS[i % 2]} for i in range(24)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    proc = subprocess.run([str(LMDEPLOY_PY), "-c", AWQ_SCRIPT, str(converted), str(tmp_path / "train.jsonl"),
-                           str(tmp_path / "turbomind")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"turbomind": {"calib_samples": 16, "calib_seqlen": 64,
+                                                                        "eval_rows": 4}}))
+    proc = subprocess.run([str(LMDEPLOY_PY), "-m", "stages.turbomind", "--merged", str(converted), "--train",
+                           str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "turbomind"), "--metrics",
+                           str(tmp_path / "metrics.json")], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TUNEPIPE_PARAMS": str(tmp_path / "params.yaml")},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["quantized_linears"] == SHAPE["layers"] * 7
     assert 0 < metrics["logits_rel_error_mean"] < 0.5 and metrics["top1_agreement"] > 0.5, metrics
     config = json.loads((tmp_path / "turbomind/config.json").read_text())
