@@ -97,8 +97,16 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "results": results},
+        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "results": results},
                                              indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 if __name__ == "__main__":
