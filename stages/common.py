@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,44 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from stages.chat_template import TEMPLATES
 
 PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
+
+# CPU math pin. float32 results on the CPU differ in their last bits between x86-64 processors and
+# thread counts: ATen picks its vector kernels by the processor (AVX-512 and AVX2 sum in different
+# orders), MKL its GEMM code path (by instruction set and by vendor), oneDNN its bf16/fp16 kernels,
+# and reductions are split by thread count. These variables fix one path that every x86-64
+# processor with AVX2 runs alike. torch, MKL and oneDNN read them once, when they start, so
+# `stages/__init__.py` calls pin_cpu_math() before any stage imports torch. A value already in the
+# environment wins (a deliberate override; OMP_NUM_THREADS also sets the thread count), and
+# TUNEPIPE_PIN_CPU_MATH=0 leaves the machine's defaults. CUDA kernels read none of them.
+CPU_THREADS = 2  # CI's machine has 2 cores; a fixed count keeps thread-split reductions alike everywhere
+CPU_MATH_PIN = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's vectorised kernels (default: AVX-512 where there is one)
+    "MKL_CBWR": "COMPATIBLE",       # the one MKL code branch that Intel and AMD processors run alike
+    "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN (bf16/fp16 matmul): no AVX-512/AMX kernels
+    "MKL_DYNAMIC": "FALSE",         # MKL uses exactly MKL_NUM_THREADS threads...
+    "MKL_NUM_THREADS": str(CPU_THREADS),  # ...and torch sizes its OpenMP pool from MKL's count
+}
+
+
+def pin_cpu_math() -> None:
+    if os.environ.get("TUNEPIPE_PIN_CPU_MATH", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    for name, value in CPU_MATH_PIN.items():
+        if name == "ATEN_CPU_CAPABILITY" and not _has_avx2():
+            continue  # torch would run AVX2 code on a processor without it (SIGILL)
+        if name == "MKL_NUM_THREADS":
+            value = os.environ.get("OMP_NUM_THREADS", value)
+        os.environ.setdefault(name, value)
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags
+
 
 # The demo model's chat template (ChatML, as Qwen2 uses). Real base models bring their own;
 # stages/chat_template.py is the one place that knows the formats.

@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 
 from openpyxl import Workbook
+from openpyxl.xml.constants import ARC_CORE
+from openpyxl.xml.functions import tostring
 
 from stages.common import Params, atomic_path, load_params, run_stage
 
@@ -99,17 +101,21 @@ def write_xlsx(path: Path, header: list[str], rows: list[list]) -> None:
     ws.append(header)
     for row in rows:
         ws.append(row)
-    fixed = datetime(2026, 1, 1)
-    wb.properties.created = wb.properties.modified = fixed
     buf = io.BytesIO()
     wb.save(buf)
-    # Re-zip with fixed timestamps: openpyxl stamps each zip entry with the wall clock, and a
-    # stage's output should depend on its params only.
+    # A stage's output should depend on its params only, but openpyxl writes the wall clock twice:
+    # save() sets the document's modified time (docProps/core.xml) to now, and every zip entry
+    # gets today's date. Re-zip in the same entry order with a fixed date and core.xml re-rendered
+    # with fixed created/modified times, so every run writes the same bytes.
+    fixed = datetime(2026, 1, 1)
+    wb.properties.created = wb.properties.modified = fixed
     with atomic_path(path) as tmp, zipfile.ZipFile(buf) as src, \
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
-            dst.writestr(zipfile.ZipInfo(info.filename, date_time=(2026, 1, 1, 0, 0, 0)), src.read(info.filename),
-                         compress_type=zipfile.ZIP_DEFLATED)
+            data = tostring(wb.properties.to_tree()) if info.filename == ARC_CORE else src.read(info.filename)
+            entry = zipfile.ZipInfo(info.filename, date_time=fixed.timetuple()[:6])
+            entry.create_system = 3  # as on Unix wherever it runs (zipfile's default depends on the OS)
+            dst.writestr(entry, data, compress_type=zipfile.ZIP_DEFLATED)
 
 
 def sharegpt_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:

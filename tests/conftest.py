@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import stages  # noqa: F401  first: pins the CPU math (stages/common.py) before any test imports torch
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

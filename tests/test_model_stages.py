@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_stage, write_params
-from stages.common import CHAT_TEMPLATE, IM_END, read_jsonl, render_chatml
+from conftest import REPO, run_stage, write_params
+from stages.common import CHAT_TEMPLATE, CPU_MATH_PIN, IM_END, read_jsonl, render_chatml
 from stages.train import IGNORE, collate, tokenize_conversation
 
-# Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end.
-EXPECTED_TRAIN_LOSS_FINAL = 2.364279
+# Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end
+# and the CPU math pinned (stages/common.py pin_cpu_math), so every x86-64 machine gets these bits.
+EXPECTED_TRAIN_LOSS_FINAL = 2.364463
 
 
 def test_base_model_has_the_chat_template_and_stop_token(pipeline):
@@ -58,7 +62,7 @@ def test_packed_loss_equals_unpacked_loss(pipeline):
 def test_train_is_seeded_and_learns(pipeline):
     metrics = json.loads((pipeline / "metrics/train.json").read_text())
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 1.0
-    assert metrics["train_loss_final"] == pytest.approx(EXPECTED_TRAIN_LOSS_FINAL, abs=1e-4)
+    assert metrics["train_loss_final"] == EXPECTED_TRAIN_LOSS_FINAL
     curve = (pipeline / "plots/train_loss.csv").read_text().splitlines()
     assert curve[0] == "step,epoch,loss" and len(curve) - 1 == metrics["steps"]
 
@@ -119,3 +123,66 @@ def test_reloaded_tokenizer_tokenizes_as_trained(pipeline):
     loaded = AutoTokenizer.from_pretrained(pipeline / "models/merged")
     for text in ["Take 2 tablets of tintinxi 500mg, it's fine.\n\nOK", "  What's the dose?\u00a0\tSure:  10 mg\n"]:
         assert loaded(text, add_special_tokens=False)["input_ids"] == raw.encode(text, add_special_tokens=False).ids
+
+
+# One full training step (no LoRA) of a small Qwen2 in a fresh process that starts as a stage does
+# (`import stages` first): the printed settings, then a hash of the loss, gradients and updated weights.
+STEP_PROBE = """
+import hashlib, os
+import stages
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), os.environ.get("MKL_CBWR"),
+      os.environ.get("ONEDNN_MAX_CPU_ISA"))
+torch.manual_seed(0)
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa"))
+ids = torch.randint(0, 1024, (8, 128))
+loss = model(input_ids=ids, labels=ids).loss
+loss.backward()
+torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+digest = hashlib.sha256(loss.detach().numpy().tobytes())
+for p in model.parameters():
+    digest.update(p.grad.numpy().tobytes())
+    digest.update(p.detach().numpy().tobytes())
+print(digest.hexdigest())
+"""
+KNOBS = [*CPU_MATH_PIN, "OMP_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "TUNEPIPE_PIN_CPU_MATH"]
+
+
+def step_in_fresh_process(**env: str) -> tuple[str, str]:
+    """(settings, bits) of STEP_PROBE run with `env` on top of an environment with no knob set."""
+    clean = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    out = subprocess.run([sys.executable, "-c", STEP_PROBE], cwd=REPO, env={**clean, **env}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    return out[-2], out[-1]
+
+
+def test_cpu_math_is_pinned_in_this_process():
+    # conftest imports stages before any test module imports torch, as a stage process does
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+    assert torch.get_num_threads() == 2
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+
+
+def test_cpu_math_pin_fixes_the_bits_in_stage_processes():
+    settings, pinned = step_in_fresh_process()  # nothing in the environment: `import stages` pins
+    assert settings == "AVX2 2 COMPATIBLE AVX2"
+    # the pin's values given by hand, and MKL told the processor has no AVX-512: the same bits
+    assert step_in_fresh_process(**CPU_MATH_PIN, MKL_ENABLE_INSTRUCTIONS="AVX2")[1] == pinned
+    # a user's value is kept, and each of these changes the bits (ATen's kernels; MKL's GEMM)
+    for knob, value, expected in [("ATEN_CPU_CAPABILITY", "default", "DEFAULT 2 COMPATIBLE AVX2"),
+                                  ("MKL_CBWR", "AUTO", "AVX2 2 AUTO AVX2")]:
+        settings, bits = step_in_fresh_process(**{knob: value})
+        assert settings == expected
+        assert bits != pinned, knob
+
+
+def test_cpu_thread_count_is_the_pins_or_the_users():
+    # torch's thread count follows MKL_NUM_THREADS (pinned, or OMP_NUM_THREADS when a user set it),
+    # whatever the number of cores: 3 threads here on a 2-core machine
+    probe = "import stages, torch; print(torch.get_num_threads())"
+    clean = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**clean, "OMP_NUM_THREADS": "3"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3"]
