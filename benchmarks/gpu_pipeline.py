@@ -1,18 +1,17 @@
-"""GPU benchmark of the model stages: base -> train -> merge -> turbomind -> eval -> register.
+"""GPU benchmark of the model stages: base -> train -> merge -> turbomind -> eval -> register (issue 11).
 
 Per model shape (random init, bf16, written to a local folder: no hub), each stage runs as
-`python -m stages.<name>` in its own process, as dvc does, in <workdir>/<model>/ with its own
-params.yaml. Reported per stage: wall seconds, the GPU's peak memory.used (nvidia-smi, sampled every
-0.5 s while the stage runs), the stage's own peak where its metrics report one, and its key metrics.
-One table on stdout; JSON (rewritten after every stage) and all stage logs next to --out.
+`python -m stages.<name>` in its own process, as dvc runs it, in <workdir>/<model>/ with its own
+params.yaml. Per stage: wall seconds, the GPU's peak memory.used (nvidia-smi every 0.5 s while it
+runs), the stage's own peak where its metrics report one, and its metrics. One table on stdout; the
+JSON (rewritten after every stage) and every stage's log go next to --out.
 
-Shapes: qwen2.5-1.5b (Qwen2ForCausalLM, tied embeddings) and internlm2-7b (InternLM2 remote-code
-folder from tests/remote_code_fixture.py, converted to Llama by the base stage, when this checkout
-has both; otherwise the same shape built directly as LlamaForCausalLM, and the output says so).
+Shapes: qwen2.5-1.5b (Qwen2ForCausalLM, tied embeddings) and internlm2-7b: the InternLM2 remote-code
+fixture (tests/remote_code_fixture.py) at 7B sizes, converted to Llama by the base stage, where this
+checkout has both; else the same shape built directly as LlamaForCausalLM (the output says which).
 Data: 2,000 conversations of ../shared/data's Chinese medical dialogues, split 1800/100/100 into
-.whl/gpubench-data/ (made here, carried to the GPU machine with the wheels: benchmarks/gpu_wheels.sh).
-This file is stdlib-only; model writing and the params check run as workers in the stage python.
-See benchmarks/README.md for the GPU command.
+.whl/gpubench-data/ here (../shared does not travel; benchmarks/gpu_wheels.sh makes it with the wheels).
+Stdlib only: the model writer and the params check run as workers in the stages' python.
 """
 from __future__ import annotations
 
@@ -21,15 +20,34 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CSV = REPO.parent / "shared/data/chinese_medical_dialogue/neike_5000_6000_gb18030.csv"
-SHAPES = {  # step_tokens: the fixed budget used where this checkout's train stage has no `auto`
+SHAPES = {  # step_tokens: the fixed budget where this checkout's train stage has no step_tokens auto
     "qwen2.5-1.5b": dict(arch="qwen2", hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
                          vocab=151936, tie=True, step_tokens=16384),
     "internlm2-7b": dict(arch="internlm2", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                          vocab=92544, tie=False, step_tokens=4096)}
-TINY = dict(hidden=128, intermediate=384, layers=2, heads=2, kv_heads=1, vocab=16384)  # head size 64; AWQ
-# groups of 128; still more embedding rows than the tokenizer has, as in the real shapes, but CPU-sized
-STAND_INS = ["jieba", "tree_sitter", "tree_sitter_languages"]  # `import opencompass.datasets` imports them for
-# datasets this benchmark does not run; where one is not installed the eval stage gets a stand-in module
+# --tiny: head size 64, AWQ groups of 128, more embedding rows than the tokenizer has (as above)
+TINY = dict(hidden=128, intermediate=384, layers=2, heads=2, kv_heads=1, vocab=16384, step_tokens=2048)
+STAGES = ["base", "train", "merge", "turbomind", "eval", "register"]
+NEEDS = {"train": "base", "merge": "train", "turbomind": "merge", "eval": "merge", "register": "merge"}
+VENVS = {"turbomind": "lmdeploy", "eval": "opencompass"}  # --venvs: as dvc.yaml; other stages: core
+ARGS = {  # each stage's paths, as dvc.yaml gives them
+    "base": "--corpus none.txt --out models/base",
+    "train": "--train data/split/train.jsonl --val data/split/val.jsonl --base models/base --out models/adapter "
+             "--checkpoints models/checkpoints --metrics metrics/train.json --loss-plot plots/train_loss.csv",
+    "merge": "--base models/base --adapter models/adapter --val data/split/val.jsonl --out models/merged "
+             "--metrics metrics/merge.json",
+    "turbomind": "--merged models/merged --train data/split/train.jsonl --out models/turbomind "
+                 "--metrics metrics/turbomind.json",
+    "eval": "--base models/base --merged models/merged --turbomind models/turbomind --test data/split/test.jsonl "
+            "--out eval --metrics metrics/eval.json",
+    "register": "--metrics-dir metrics --plots-dir plots --merged models/merged --adapter models/adapter "
+                "--base models/base --turbomind models/turbomind --out registry/record.json"}
+SPLITS = {"train": 0.9, "val": 0.05, "test": 0.05}
+SHOWN = {"train": ["tokens_per_s", "step_tokens", "steps", "train_loss_final"], "merge": ["device", "dtype"],
+         "turbomind": ["top1_agreement", "logits_rel_error_mean"], "register": ["version"]}
+# `import opencompass.datasets` imports these for datasets this benchmark does not run; where one is
+# not installed, the eval stage gets a stand-in that raises only if used
+STAND_INS = ["jieba", "tree_sitter", "tree_sitter_languages"]
 STAND_IN = '''"""Stand-in written by benchmarks/gpu_pipeline.py: {0} is not installed here."""
 
 
@@ -41,28 +59,12 @@ def __getattr__(name):
         raise ImportError("{0} is not installed (a stand-in of benchmarks/gpu_pipeline.py)")
     return missing
 '''
-STAGES = ["base", "train", "merge", "turbomind", "eval", "register"]
-NEEDS = {"train": "base", "merge": "train", "turbomind": "merge", "eval": "merge", "register": "merge"}
-VENVS = {"turbomind": "lmdeploy", "eval": "opencompass"}  # as dvc.yaml; the other stages: core
-ARGS = {
-    "base": "--corpus none.txt --out models/base",
-    "train": "--train data/split/train.jsonl --val data/split/val.jsonl --base models/base --out models/adapter "
-             "--checkpoints models/checkpoints --metrics metrics/train.json --loss-plot plots/train_loss.csv",
-    "merge": "--base models/base --adapter models/adapter --val data/split/val.jsonl --out models/merged "
-             "--metrics metrics/merge.json",
-    "turbomind": "--merged models/merged --train data/split/train.jsonl --out models/turbomind "
-                 "--metrics metrics/turbomind.json",
-    "eval": "--base models/base --merged models/merged --turbomind models/turbomind --test data/split/test.jsonl "
-            "--out eval --metrics metrics/eval.json",
-    "register": "--metrics-dir metrics --plots-dir plots --merged models/merged --adapter models/adapter --base models/base "
-                "--turbomind models/turbomind --out registry/record.json"}
-SPLITS = {"train": 0.9, "val": 0.05, "test": 0.05}
 
 
-def prepare_data(data: Path, rows: int) -> None:
+def prepare_data(data: Path, rows: int = 2000) -> None:
     """Canonical records {id, messages} of the first `rows` distinct (ask, answer) pairs, shuffled, split."""
     if not SOURCE_CSV.exists():
-        sys.exit(f"{data}: no split files, and {SOURCE_CSV} is absent (run benchmarks/gpu_wheels.sh where it is)")
+        sys.exit(f"{data}: no split files, and no {SOURCE_CSV} to make them (run benchmarks/gpu_wheels.sh there)")
     records, seen = [], set()
     with open(SOURCE_CSV, encoding="gb18030", newline="") as f:
         for r in csv.DictReader(f):
@@ -77,15 +79,15 @@ def prepare_data(data: Path, rows: int) -> None:
     start = 0
     for name, share in SPLITS.items():
         n = round(rows * share) if name != "test" else len(records) - start
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                    for r in records[start:start + n]), encoding="utf-8")
+        with open(data / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records[start:start + n])
         start += n
 
 
-# --- workers: run in the stage python (torch, transformers, pydantic) --------------------------------
+# --- workers: run in the stages' python (torch, transformers, pydantic) -------------------------------
 
 def worker_write_model(spec: dict) -> dict:
-    """A random-init bf16 model of spec's shape, with a tokenizer and chat template, at spec['out']."""
+    """A random-init bf16 model of spec's shape with a tokenizer and chat template at spec['out']."""
     import torch
     import transformers
 
@@ -102,10 +104,10 @@ def worker_write_model(spec: dict) -> dict:
             info["note"] = f"no InternLM2 fixture: {e}"
         else:
             return dict(info, note=write_internlm2_scaled(write_internlm2, shape, out, dev))
-    import families  # tests/families.py: the project's tokenizers with chat templates
+    import families  # tests/families.py: the project's tokenizers with the families' chat templates
 
-    texts = [m["content"] for line in open(spec["train"], encoding="utf-8") for m in json.loads(line)["messages"]]
-    families.CORPUS = texts  # build_tokenizer trains on this module global: here, the train split
+    families.CORPUS = [m["content"] for line in open(spec["train"], encoding="utf-8")
+                       for m in json.loads(line)["messages"]]  # build_tokenizer trains on this: the train split
     family = families.FAMILIES["qwen2.5"]  # ChatML, <|im_end|> ends a turn
     tokenizer = families.build_tokenizer(family, vocab_size=spec["tokenizer_vocab"])
     ids = tokenizer.convert_tokens_to_ids
@@ -116,21 +118,21 @@ def worker_write_model(spec: dict) -> dict:
         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=shape["tie"],
         bos_token_id=None, eos_token_id=ids(family.eos), pad_token_id=ids(family.pad))
-    with dev:
+    with dev:  # random init on the GPU: seconds instead of minutes on the CPU
         model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16)
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=[ids(family.stop), ids(family.pad)], pad_token_id=ids(family.pad), do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     tok_config = json.loads((out / "tokenizer_config.json").read_text())  # as families.write_family_model:
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # keep the trained BPE as saved on load
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers loads the trained BPE as saved
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     what = f"{name}ForCausalLM, byte-level BPE ({len(tokenizer)} tokens) trained on the train split, ChatML"
     return dict(info, note=what if name == "Qwen2" else f"{info['note']}; built directly as {what}")
 
 
 def write_internlm2_scaled(write_internlm2, shape: dict, out: Path, dev) -> str:
-    """The project's InternLM2 remote-code fixture at shape's sizes, vocabulary padded to shape's."""
+    """The project's InternLM2 remote-code fixture at shape's sizes, its vocabulary padded to shape's."""
     import inspect
     import safetensors.torch as st
     import torch
@@ -140,16 +142,16 @@ def write_internlm2_scaled(write_internlm2, shape: dict, out: Path, dev) -> str:
     original = st.save_file
     if "vocab_size" in inspect.signature(write_internlm2).parameters:
         sizes["vocab_size"] = shape["vocab"]
-    else:  # the fixture sizes its vocabulary to its tiny tokenizer: pad to the real one as it saves
+    else:  # the fixture sizes its vocabulary to its tiny tokenizer: add random rows as it saves
         def padded(state, path, metadata=None):
             state = {k: v.cpu() for k, v in state.items()}
             for k in ("model.tok_embeddings.weight", "output.weight"):
                 extra = torch.randn(shape["vocab"] - len(state[k]), state[k].shape[1], device=dev) * 0.05
                 state[k] = torch.cat([state[k], extra.to(state[k].dtype).cpu()])
             return original(state, path, metadata=metadata)
-        st.save_file = padded
+        st.save_file = padded  # write_internlm2 imports it when called
     try:
-        with dev:  # random init on the GPU: seconds instead of minutes for 7B
+        with dev:
             write_internlm2(out, **sizes)
     finally:
         st.save_file = original
@@ -160,8 +162,8 @@ def write_internlm2_scaled(write_internlm2, shape: dict, out: Path, dev) -> str:
 
 
 def worker_check_params(spec: dict) -> dict:
-    """spec's params as this checkout's stages accept them: keys a stage lacks are left out (and
-    named); step_tokens auto falls back to the shape's fixed budget where train has no auto."""
+    """spec's params as this checkout's stages take them: keys a stage lacks are left out (and named);
+    step_tokens auto becomes the shape's fixed budget where train has no auto."""
     import importlib
 
     sys.path.insert(0, str(REPO))
@@ -172,7 +174,7 @@ def worker_check_params(spec: dict) -> dict:
         dropped[section] = sorted(set(values) - set(params[section]))
         if dropped[section]:
             notes.append(f"{section}: this checkout's stage has no {', '.join(dropped[section])} (left out)")
-        if section == "train" and values.get("step_tokens") == "auto":
+        if values.get("step_tokens") == "auto":
             try:
                 schema.model_validate(params[section])
             except ValueError:
@@ -182,10 +184,10 @@ def worker_check_params(spec: dict) -> dict:
     return {"params": params, "dropped": dropped, "notes": notes}
 
 
-# --- orchestration (stdlib only) ----------------------------------------------------------------------
+# --- orchestration ------------------------------------------------------------------------------------
 
 class GpuPeak(threading.Thread):
-    """Max of nvidia-smi's memory.used (MiB) of the first visible GPU, every 0.5 s, while running."""
+    """Max of nvidia-smi's memory.used (MiB) of the first visible GPU, sampled every 0.5 s until stop()."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -200,7 +202,7 @@ class GpuPeak(threading.Thread):
                 used = int(subprocess.run(self.cmd, capture_output=True, text=True, timeout=10).stdout.split()[0])
                 self.peak = max(self.peak or 0, used)
             except FileNotFoundError:
-                return  # no GPU tools: a CPU run
+                return  # no nvidia-smi: a CPU run
             except (ValueError, IndexError, subprocess.TimeoutExpired):
                 pass
             self.done.wait(0.5)
@@ -219,32 +221,27 @@ def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     row = {"status": "ok" if rc == 0 else f"failed (exit {rc})", "wall_s": round(time.perf_counter() - start, 1),
            "gpu_peak_mib": sampler.stop(), "disk_free_gb": round(shutil.disk_usage(cwd).free / 2**30, 1)}
     if rc:
-        print(f"    {log} (last lines):\n" + "".join(f"    | {x}" for x in log.read_text(errors="replace")
-                                                     .splitlines(True)[-25:]), flush=True)
+        tail = log.read_text(errors="replace").splitlines(True)[-25:]
+        print(f"    {log}, last lines:\n" + "".join(f"    | {line}" for line in tail), end="", flush=True)
     return row
 
 
-def worker(python: str, kind: str, spec: dict, cwd: Path, env: dict, log: Path) -> tuple[dict, dict]:
+def worker(python: str, kind: str, spec: dict, cwd: Path, env: dict) -> tuple[dict, dict]:
+    """Run worker_<kind>(spec) in `python`: (its timed row, its result or {} if it failed)."""
     (cwd / f"{kind}.json").write_text(json.dumps(spec))
     code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_pipeline as g; "
             f"json.dump(g.worker_{kind}(json.load(open('{kind}.json'))), open('{kind}.out.json', 'w'))")
-    row = timed([python, "-c", code], cwd, env, log)
+    row = timed([python, "-c", code], cwd, env, cwd / f"logs/{kind}.log")
     return row, (json.loads((cwd / f"{kind}.out.json").read_text()) if row["status"] == "ok" else {})
 
 
 def metrics_of(stage: str, cwd: Path) -> dict:
-    keep = {"train": ["tokens_per_s", "steps", "step_tokens", "train_tokens", "peak_memory_mb", "train_loss_final"],
-            "merge": ["device", "dtype", "max_abs_logit_diff", "rel_logit_diff"],
-            "turbomind": ["top1_agreement", "logits_rel_error_mean", "weights_mb"]}
     path = cwd / ("registry/record.json" if stage == "register" else f"metrics/{stage}.json")
-    found = json.loads(path.read_text()) if path.exists() else {}
-    if stage == "eval":
-        return {f"{m}.{k}": round(v, 2) for scores in found.values() for m, s in scores.items() for k, v in s.items()}
-    return {"version": found.get("version")} if stage == "register" else {k: found[k] for k in keep.get(stage, []) if k in found}
+    return json.loads(path.read_text()) if path.exists() and stage != "base" else {}
 
 
 def stand_ins(python: str, env: dict, folder: Path) -> list[str]:
-    """Write stand-ins for the STAND_INS that `python` cannot import into folder; their names."""
+    """Stand-ins in `folder` for the STAND_INS that `python` cannot import; their names."""
     code = f"import importlib.util as u; print(*[m for m in {STAND_INS!r} if u.find_spec(m) is None])"
     missing = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True).stdout.split()
     for name in missing:
@@ -254,29 +251,17 @@ def stand_ins(python: str, env: dict, folder: Path) -> list[str]:
 
 
 def prune(stage: str, cwd: Path, source: Path) -> None:
-    """Drop what no later stage reads (a 7B run needs ~15 GB a copy; the GPU machine has 64 GB of disk)."""
+    """Delete what no later stage reads: a 7B model is 15.5 GB a copy, the GPU machine has 64 GB of disk."""
     manifest = cwd / "models/base/manifest.json"
-    gone = {"base": [source] if manifest.exists() and "conversion" in json.loads(manifest.read_text()) else [],
-            "eval": [cwd / "eval/models", cwd / "models/turbomind"],
-            "register": [cwd / "models", cwd / "mlruns", source]}.get(stage, [])
-    for path in gone:
+    converted = manifest.exists() and "conversion" in json.loads(manifest.read_text())
+    for path in {"base": [source] if converted else [], "eval": [cwd / "eval/models", cwd / "models/turbomind"],
+                 "register": [cwd / "models", cwd / "mlruns", source]}.get(stage, []):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_model(name: str, shape: dict, a, python: dict, data: Path, results: dict, save) -> None:
-    cwd = a.workdir / name
-    (cwd / "logs").mkdir(parents=True, exist_ok=True)
-    for split, share in SPLITS.items():  # the first round(rows * share) rows of each split
-        lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(True)[:round(a.rows * share)]
-        (cwd / "data/split").mkdir(parents=True, exist_ok=True)
-        (cwd / f"data/split/{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    gpu, source = a.device == "cuda", cwd / "source_model"
-    env = dict(os.environ, TUNEPIPE_PARAMS=str(cwd / "params.yaml"), PYTHONUNBUFFERED="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{a.workdir}/mlflow.db", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    rec = results["models"][name] = {"shape": shape, "notes": [], "stages": {}}
-    say = lambda text: (rec["notes"].append(text), print(f"  [{name}] {text}", flush=True))  # noqa: E731
-    wanted = dict(
+def wanted_params(a, name: str, source: Path) -> dict:
+    gpu = a.device == "cuda"
+    return dict(
         base={"source": "hf", "model_id": str(source)},
         train={"backend": "hf", "epochs": 1, "lr": 2e-4, "max_length": 512, "batch_size": 8,
                "step_tokens": a.step_tokens if a.step_tokens == "auto" else int(a.step_tokens),
@@ -287,9 +272,36 @@ def run_model(name: str, shape: dict, a, python: dict, data: Path, results: dict
                    "eval_rows": 4},
         eval={"device": a.device, "dtype": "bfloat16" if gpu else "float32", "models": a.eval_models,
               "max_samples": a.eval_samples, "max_new_tokens": a.max_new_tokens, "batch_size": 16},
-        register={"experiment": f"gpubench-{name}", "model_name": f"gpubench-{name}", "sample_generations": 5})
-    row, checked = worker(python["base"], "check_params", {"params": wanted, "step_tokens_fallback": shape[
-        "step_tokens"] if not a.tiny else 2048}, cwd, env, cwd / "logs/check_params.log")
+        register={"experiment": f"gpubench-{name}", "model_name": f"gpubench-{name}"})
+
+
+def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> None:
+    cwd, gpu = a.workdir / name, a.device == "cuda"
+    source = cwd / "source_model"
+    for split, share in SPLITS.items():  # the first rows * share rows of each split
+        (cwd / "data/split").mkdir(parents=True, exist_ok=True)
+        lines = (a.data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(True)[:round(a.rows * share)]
+        (cwd / f"data/split/{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    (cwd / "logs").mkdir(exist_ok=True)
+    env = dict(os.environ, TUNEPIPE_PARAMS=str(cwd / "params.yaml"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               MLFLOW_TRACKING_URI=f"sqlite:///{a.workdir}/mlflow.db",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    rec = results["models"][name] = {"shape": shape, "notes": [], "stages": {}}
+
+    def say(text):
+        rec["notes"].append(text)
+        print(f"  [{name}] {text}", flush=True)
+
+    size_gb = 2 * (shape["vocab"] * shape["hidden"] * (1 if shape["tie"] else 2) + shape["layers"] * shape["hidden"] * (
+        2 * shape["hidden"] + 2 * shape["hidden"] * shape["kv_heads"] // shape["heads"] + 3 * shape["intermediate"])) / 1e9
+    free_gb = shutil.disk_usage(a.workdir).free / 1e9
+    rec["disk"] = {"model_gb": round(size_gb, 1), "peak_need_gb": round(3.3 * size_gb, 1), "free_gb": round(free_gb, 1)}
+    if free_gb < 3.3 * size_gb:
+        say(f"warning: {free_gb:.0f} GB of disk free; base + merged + turbomind + eval's dequantized copy "
+            f"need ~{3.3 * size_gb:.0f} GB at once")
+    row, checked = worker(python["base"], "check_params", {"params": wanted_params(a, name, source),
+                                                           "step_tokens_fallback": shape["step_tokens"]}, cwd, env)
     if not checked:
         return say(f"params check failed: see {cwd}/logs/check_params.log")
     params, skip = checked["params"], {}
@@ -299,17 +311,17 @@ def run_model(name: str, shape: dict, a, python: dict, data: Path, results: dict
         skip["eval"] = "this checkout's eval stage has no eval.device: it would generate on the CPU"
     stages = [s for s in STAGES if s in a.stages]
     if "base" in stages and not (source / "config.json").exists():
-        spec = {"shape": shape, "out": str(source), "device": a.device, "tokenizer_vocab": a.tokenizer_vocab,
-                "train": str(cwd / "data/split/train.jsonl")}
-        print(f"  [{name}] write random-init model", flush=True)
-        rec["stages"]["write"], info = worker(python["base"], "write_model", spec, cwd, env, cwd / "logs/write.log")
+        print(f"  [{name}] write the random-init model", flush=True)
+        rec["stages"]["write"], info = worker(python["base"], "write_model", {
+            "shape": shape, "out": str(source), "device": a.device, "tokenizer_vocab": a.tokenizer_vocab,
+            "train": str(cwd / "data/split/train.jsonl")}, cwd, env)
         if not info:
-            return save()
+            return
         results.setdefault("versions", {k: v for k, v in info.items() if k != "note"})
         say(info["note"])
     for stage in stages:
         need = NEEDS.get(stage)
-        if stage in skip or (need in rec["stages"] and rec["stages"][need]["status"] != "ok"):
+        if stage in skip or rec["stages"].get(need, {}).get("status", "ok") != "ok":
             rec["stages"][stage] = {"status": "skipped: " + skip.get(stage, f"{need} did not succeed")}
             print(f"  [{name}] {stage}: {rec['stages'][stage]['status']}", flush=True)
             continue
@@ -323,13 +335,11 @@ def run_model(name: str, shape: dict, a, python: dict, data: Path, results: dict
         if stage == "train" and a.memory_cap_gb and gpu:  # the cap applies inside the train process only
             cmd[1:3] = ["-c", "import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
                               f"torch.cuda.set_per_process_memory_fraction(min(1.0, {a.memory_cap_gb} * 2**30 / total)); "
-                              f"sys.argv = ['stages.train', *sys.argv[1:]]; "
-                              "runpy.run_module('stages.train', run_name='__main__', alter_sys=True)"]
+                              "sys.argv[0] = 'stages.train'; runpy.run_module('stages.train', run_name='__main__')"]
         print(f"  [{name}] {stage} ...", flush=True)
         row = rec["stages"][stage] = timed(cmd, cwd, stage_env, cwd / f"logs/{stage}.log")
-        row.update(metrics=metrics_of(stage, cwd) if row["status"] == "ok" else {})
-        print(f"  [{name}] {stage}: {row['status']} in {row['wall_s']} s, GPU peak {row['gpu_peak_mib']} MiB, "
-              f"{row['metrics']}", flush=True)
+        row["metrics"] = metrics_of(stage, cwd) if row["status"] == "ok" else {}
+        print(f"  [{name}] {stage}: {row['status']} in {row['wall_s']} s, GPU peak {row['gpu_peak_mib']} MiB", flush=True)
         if not a.keep and row["status"] == "ok":
             prune(stage, cwd, source)
         save()
@@ -338,28 +348,28 @@ def run_model(name: str, shape: dict, a, python: dict, data: Path, results: dict
 
 
 def table(results: dict) -> str:
-    lines = [f"{'model':<14} {'stage':<10} {'status':<10} {'wall s':>8} {'GPU MiB':>8} {'stage MiB':>9}  metrics",
-             "-" * 110]
+    lines = [f"{'model':<13} {'stage':<10} {'status':<8} {'wall s':>7} {'GPU MiB':>8} {'stage MiB':>9}  metrics"]
     for name, rec in results["models"].items():
         for stage, row in rec["stages"].items():
-            metrics = row.get("metrics", {})
-            own = metrics.get("peak_memory_mb", "")
-            text = ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "peak_memory_mb")
-            lines.append(f"{name:<14} {stage:<10} {row['status'][:10]:<10} {row.get('wall_s', ''):>8} "
-                         f"{row.get('gpu_peak_mib') or '':>8} {own:>9}  {text[:80]}")
-        lines += [f"{name:<14} note: {note}" for note in rec["notes"]]
+            m = row.get("metrics", {})
+            shown = {f"{k}.rougeL": round(s["rougeL"], 2) for d in m.values() for k, s in d.items()} if stage == "eval" \
+                else {k: round(m[k], 4) if isinstance(m[k], float) else m[k] for k in SHOWN.get(stage, []) if k in m}
+            lines.append(f"{name:<13} {stage:<10} {row['status'][:8]:<8} {row.get('wall_s', ''):>7} "
+                         f"{row.get('gpu_peak_mib') or '':>8} {m.get('peak_memory_mb', ''):>9}  "
+                         + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        lines += [f"{name:<13} note: {note}" for note in rec["notes"]]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpubench"))
-    ap.add_argument("--data", type=Path, default=REPO / ".whl/gpubench-data", help="train/val/test.jsonl (made "
-                    "from ../shared/data when missing)")
+    ap.add_argument("--data", type=Path, default=REPO / ".whl/gpubench-data",
+                    help="train/val/test.jsonl (made from ../shared/data when missing)")
     ap.add_argument("--prepare-data-only", action="store_true")
     ap.add_argument("--models", default=",".join(SHAPES))
-    ap.add_argument("--stages", default=",".join(STAGES), help="a subset reuses <workdir>/<model> of an earlier run")
-    ap.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers (real vocabularies), 200 rows")
+    ap.add_argument("--stages", default=",".join(STAGES), help="a subset reuses <workdir>/<model> (run with --keep)")
+    ap.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, 200 conversations (a CPU check)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--rows", type=int, help="conversations used, split 90/5/5 (default 2000; --tiny 200)")
     ap.add_argument("--step-tokens", default="auto", help="train.step_tokens: auto or a number")
@@ -370,46 +380,45 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32, help="turbomind.calib_samples (blocks of 512 tokens)")
     ap.add_argument("--tokenizer-vocab", type=int, default=8000, help="BPE vocabulary trained on the data")
     ap.add_argument("--python", action="append", default=[], metavar="STAGE=PATH", help="interpreter of a stage")
-    ap.add_argument("--venvs", action="store_true", help="interpreters of .venvs/ as dvc.yaml uses them")
-    ap.add_argument("--keep", action="store_true", help="keep models (default: delete what later stages do not read)")
+    ap.add_argument("--venvs", action="store_true", help="the interpreters of .venvs/, as dvc.yaml runs the stages")
+    ap.add_argument("--keep", action="store_true", help="keep every model (default: delete what no later stage reads)")
     ap.add_argument("--out", type=Path, help="JSON file or folder (default benchmarks/results/gpu_pipeline_<gpu>.json)")
     a = ap.parse_args()
     a.rows = a.rows or (200 if a.tiny else 2000)
     a.eval_samples = a.eval_samples or (8 if a.tiny else 50)
     a.max_new_tokens = a.max_new_tokens or (16 if a.tiny else 64)
-    a.eval_models, a.stages = a.eval_models.split(","), a.stages.split(",")
+    a.eval_models, a.stages, a.workdir = a.eval_models.split(","), a.stages.split(","), a.workdir.resolve()
     if not (a.data / "train.jsonl").exists():
-        prepare_data(a.data, 2000)
+        prepare_data(a.data)
     if a.prepare_data_only:
         return print(f"data: {a.data}")
-    python = {s: str(REPO / f".venvs/{VENVS.get(s, 'core')}/bin/python") if a.venvs else sys.executable
-              for s in STAGES}
-    python.update(dict(p.split("=", 1) for p in a.python))
+    python = {s: str(REPO / f".venvs/{VENVS.get(s, 'core')}/bin/python") if a.venvs else sys.executable for s in STAGES}
+    python.update(p.split("=", 1) for p in a.python)
     query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True) if shutil.which("nvidia-smi") and a.device == "cuda" else None
-    gpu = query.stdout.splitlines()[0].strip() if query and query.returncode == 0 else "cpu"
+                           text=True) if a.device == "cuda" and shutil.which("nvidia-smi") else None
+    gpu = query.stdout.splitlines()[0].strip() if query and query.returncode == 0 else a.device
     out = a.out or REPO / "benchmarks/results"
-    out = out / f"gpu_pipeline_{gpu.replace(' ', '_')}{'_tiny' if a.tiny else ''}.json" if out.suffix != ".json" else out
+    if out.suffix != ".json":
+        out = out / f"gpu_pipeline_{gpu.replace(' ', '_')}{'_tiny' if a.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    a.workdir = a.workdir.resolve()
+    a.workdir.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    results = {"gpu": gpu, "device": a.device, "git_commit": commit or "unknown", "python": python,
-               "args": {k: str(v) for k, v in vars(a).items()}, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "models": {}}
+    results = {"gpu": gpu, "git_commit": commit or "unknown", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "args": {k: str(v) for k, v in vars(a).items()}, "python": python, "models": {}}
 
     def save():
         out.write_text(json.dumps(results, indent=2) + "\n")
-        with open(out.with_suffix(".log"), "w") as log:  # every stage log of this run, in order
+        with open(out.with_suffix(".log"), "w") as log:  # every log of this run, in the order written
             for name in results["models"]:
                 for f in sorted((a.workdir / name / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime):
                     log.write(f"===== {name} {f.stem}\n{f.read_text(errors='replace')[-20000:]}\n")
 
     for name in a.models.split(","):
         shape = dict(SHAPES[name], **(TINY if a.tiny else {}))
-        print(f"== {name}: {shape} on {gpu}", flush=True)
-        run_model(name, shape, a, python, a.data, results, save)
+        print(f"== {name} on {gpu}: {shape}", flush=True)
+        run_model(name, shape, a, python, results, save)
         save()
-    print("\n" + table(results) + f"\n\nwritten: {out} (+ .log)")
+    print("\n" + table(results) + f"\n\nwritten: {out} and {out.with_suffix('.log').name}")
 
 
 if __name__ == "__main__":
