@@ -11,7 +11,7 @@ fixture (tests/remote_code_fixture.py) at 7B sizes, converted to Llama by the ba
 checkout has both; else the same shape built directly as LlamaForCausalLM (the output says which).
 Data: 2,000 conversations of ../shared/data's Chinese medical dialogues, split 1800/100/100 into
 .whl/gpubench-data/ here (../shared does not travel; benchmarks/gpu_wheels.sh makes it with the wheels).
-Stdlib only: the model writer and the params check run as workers in the stages' python.
+Stdlib only: the model writer and the params check run in the stages' python (gpu_pipeline_workers.py).
 """
 from __future__ import annotations
 
@@ -48,17 +48,10 @@ SHOWN = {"train": ["tokens_per_s", "step_tokens", "steps", "train_loss_final"], 
 # `import opencompass.datasets` imports these for datasets this benchmark does not run; where one is
 # not installed, the eval stage gets a stand-in that raises only if used
 STAND_INS = ["jieba", "tree_sitter", "tree_sitter_languages"]
-STAND_IN = '''"""Stand-in written by benchmarks/gpu_pipeline.py: {0} is not installed here."""
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def missing(*args, **kwargs):
-        raise ImportError("{0} is not installed (a stand-in of benchmarks/gpu_pipeline.py)")
-    return missing
-'''
+STAND_IN = ('"""Stand-in written by benchmarks/gpu_pipeline.py: {0} is not installed here."""\n\n\n'
+            "def __getattr__(name):\n    if name.startswith('__'):\n        raise AttributeError(name)\n\n"
+            "    def missing(*args, **kwargs):\n        raise ImportError('{0} is not installed (a stand-in)')\n"
+            "    return missing\n")
 
 
 def prepare_data(data: Path, rows: int = 2000) -> None:
@@ -82,106 +75,6 @@ def prepare_data(data: Path, rows: int = 2000) -> None:
         with open(data / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records[start:start + n])
         start += n
-
-
-# --- workers: run in the stages' python (torch, transformers, pydantic) -------------------------------
-
-def worker_write_model(spec: dict) -> dict:
-    """A random-init bf16 model of spec's shape with a tokenizer and chat template at spec['out']."""
-    import torch
-    import transformers
-
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    shape, out, dev = spec["shape"], Path(spec["out"]), torch.device(spec["device"])
-    info = {"torch": torch.__version__, "transformers": transformers.__version__}
-    torch.manual_seed(0)
-    if shape["arch"] == "internlm2":
-        try:
-            if not (REPO / "stages/internlm2.py").exists():
-                raise ImportError("this checkout's base stage has no InternLM2 conversion (stages/internlm2.py)")
-            from remote_code_fixture import write_internlm2
-        except ImportError as e:
-            info["note"] = f"no InternLM2 fixture: {e}"
-        else:
-            return dict(info, note=write_internlm2_scaled(write_internlm2, shape, out, dev))
-    import families  # tests/families.py: the project's tokenizers with the families' chat templates
-
-    families.CORPUS = [m["content"] for line in open(spec["train"], encoding="utf-8")
-                       for m in json.loads(line)["messages"]]  # build_tokenizer trains on this: the train split
-    family = families.FAMILIES["qwen2.5"]  # ChatML, <|im_end|> ends a turn
-    tokenizer = families.build_tokenizer(family, vocab_size=spec["tokenizer_vocab"])
-    ids = tokenizer.convert_tokens_to_ids
-    assert shape["vocab"] >= len(tokenizer), (shape["vocab"], len(tokenizer))
-    name = "Qwen2" if shape["arch"] == "qwen2" else "Llama"
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=shape["tie"],
-        bos_token_id=None, eos_token_id=ids(family.eos), pad_token_id=ids(family.pad))
-    with dev:  # random init on the GPU: seconds instead of minutes on the CPU
-        model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16)
-    model.generation_config = transformers.GenerationConfig(
-        eos_token_id=[ids(family.stop), ids(family.pad)], pad_token_id=ids(family.pad), do_sample=False)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    tok_config = json.loads((out / "tokenizer_config.json").read_text())  # as families.write_family_model:
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers loads the trained BPE as saved
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    what = f"{name}ForCausalLM, byte-level BPE ({len(tokenizer)} tokens) trained on the train split, ChatML"
-    return dict(info, note=what if name == "Qwen2" else f"{info['note']}; built directly as {what}")
-
-
-def write_internlm2_scaled(write_internlm2, shape: dict, out: Path, dev) -> str:
-    """The project's InternLM2 remote-code fixture at shape's sizes, its vocabulary padded to shape's."""
-    import inspect
-    import safetensors.torch as st
-    import torch
-
-    sizes = dict(hidden_size=shape["hidden"], layers=shape["layers"], heads=shape["heads"], kv_heads=shape["kv_heads"],
-                 intermediate_size=shape["intermediate"], dtype="bfloat16")
-    original = st.save_file
-    if "vocab_size" in inspect.signature(write_internlm2).parameters:
-        sizes["vocab_size"] = shape["vocab"]
-    else:  # the fixture sizes its vocabulary to its tiny tokenizer: add random rows as it saves
-        def padded(state, path, metadata=None):
-            state = {k: v.cpu() for k, v in state.items()}
-            for k in ("model.tok_embeddings.weight", "output.weight"):
-                extra = torch.randn(shape["vocab"] - len(state[k]), state[k].shape[1], device=dev) * 0.05
-                state[k] = torch.cat([state[k], extra.to(state[k].dtype).cpu()])
-            return original(state, path, metadata=metadata)
-        st.save_file = padded  # write_internlm2 imports it when called
-    try:
-        with dev:
-            write_internlm2(out, **sizes)
-    finally:
-        st.save_file = original
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(dict(config, vocab_size=shape["vocab"]), indent=2))
-    return ("InternLM2 remote-code folder (tests/remote_code_fixture.write_internlm2, its own sentencepiece "
-            "tokenizer), converted to Llama by the base stage")
-
-
-def worker_check_params(spec: dict) -> dict:
-    """spec's params as this checkout's stages take them: keys a stage lacks are left out (and named);
-    step_tokens auto becomes the shape's fixed budget where train has no auto."""
-    import importlib
-
-    sys.path.insert(0, str(REPO))
-    params, dropped, notes = {}, {}, []
-    for section, values in spec["params"].items():
-        schema = getattr(importlib.import_module(f"stages.{section}"), section.capitalize() + "Params")
-        params[section] = {k: v for k, v in values.items() if k in schema.model_fields}
-        dropped[section] = sorted(set(values) - set(params[section]))
-        if dropped[section]:
-            notes.append(f"{section}: this checkout's stage has no {', '.join(dropped[section])} (left out)")
-        if values.get("step_tokens") == "auto":
-            try:
-                schema.model_validate(params[section])
-            except ValueError:
-                params[section]["step_tokens"] = spec["step_tokens_fallback"]
-                notes.append(f"train: no step_tokens auto in this checkout: {spec['step_tokens_fallback']}")
-        schema.model_validate(params[section])
-    return {"params": params, "dropped": dropped, "notes": notes}
 
 
 # --- orchestration ------------------------------------------------------------------------------------
@@ -229,8 +122,8 @@ def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
 def worker(python: str, kind: str, spec: dict, cwd: Path, env: dict) -> tuple[dict, dict]:
     """Run worker_<kind>(spec) in `python`: (its timed row, its result or {} if it failed)."""
     (cwd / f"{kind}.json").write_text(json.dumps(spec))
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_pipeline as g; "
-            f"json.dump(g.worker_{kind}(json.load(open('{kind}.json'))), open('{kind}.out.json', 'w'))")
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_pipeline_workers as w; "
+            f"json.dump(w.worker_{kind}(json.load(open('{kind}.json'))), open('{kind}.out.json', 'w'))")
     row = timed([python, "-c", code], cwd, env, cwd / f"logs/{kind}.log")
     return row, (json.loads((cwd / f"{kind}.out.json").read_text()) if row["status"] == "ok" else {})
 
@@ -287,7 +180,9 @@ def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> N
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                MLFLOW_TRACKING_URI=f"sqlite:///{a.workdir}/mlflow.db",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    rec = results["models"][name] = {"shape": shape, "notes": [], "stages": {}}
+    earlier = cwd / "benchmark.json"  # this model's rows so far: a run of later --stages continues them
+    rec = results["models"][name] = json.loads(earlier.read_text()) if earlier.exists() and "base" not in a.stages \
+        else {"shape": shape, "notes": [], "stages": {}}
 
     def say(text):
         rec["notes"].append(text)
@@ -342,8 +237,9 @@ def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> N
         print(f"  [{name}] {stage}: {row['status']} in {row['wall_s']} s, GPU peak {row['gpu_peak_mib']} MiB", flush=True)
         if not a.keep and row["status"] == "ok":
             prune(stage, cwd, source)
+        earlier.write_text(json.dumps(rec))
         save()
-    if not a.keep:  # the next model needs the disk
+    if not a.keep and "register" in a.stages:  # done with this model: the next one needs the disk
         prune("register", cwd, source)
 
 
@@ -368,7 +264,8 @@ def main() -> None:
                     help="train/val/test.jsonl (made from ../shared/data when missing)")
     ap.add_argument("--prepare-data-only", action="store_true")
     ap.add_argument("--models", default=",".join(SHAPES))
-    ap.add_argument("--stages", default=",".join(STAGES), help="a subset reuses <workdir>/<model> (run with --keep)")
+    ap.add_argument("--stages", default=",".join(STAGES), 
+                    help="later stages only: continue <workdir>/<model> of an earlier run")
     ap.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, 200 conversations (a CPU check)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--rows", type=int, help="conversations used, split 90/5/5 (default 2000; --tiny 200)")
@@ -399,7 +296,8 @@ def main() -> None:
     gpu = query.stdout.splitlines()[0].strip() if query and query.returncode == 0 else a.device
     out = a.out or REPO / "benchmarks/results"
     if out.suffix != ".json":
-        out = out / f"gpu_pipeline_{gpu.replace(' ', '_')}{'_tiny' if a.tiny else ''}.json"
+        subset = "" if a.models == ",".join(SHAPES) else "_" + a.models.replace(",", "_")
+        out = out / f"gpu_pipeline_{gpu.replace(' ', '_')}{subset}{'_tiny' if a.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     a.workdir.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
