@@ -43,7 +43,7 @@ ARGS = {  # each stage's paths, as dvc.yaml gives them
     "register": "--metrics-dir metrics --plots-dir plots --merged models/merged --adapter models/adapter "
                 "--base models/base --turbomind models/turbomind --out registry/record.json"}
 SPLITS = {"train": 0.9, "val": 0.05, "test": 0.05}
-SHOWN = {"train": ["tokens_per_s", "step_tokens", "steps", "train_loss_final"], "merge": ["device", "dtype"],
+SHOWN = {"train": ["tokens_per_s", "step_tokens", "steps", "train_loss_final"], "merge": ["device", "dtype", "rel_logit_diff"],
          "turbomind": ["top1_agreement", "logits_rel_error_mean"], "register": ["version"]}
 # `import opencompass.datasets` imports these for datasets this benchmark does not run; where one is
 # not installed, the eval stage gets a stand-in that raises only if used
@@ -156,14 +156,17 @@ def wanted_params(a, name: str, source: Path) -> dict:
     gpu = a.device == "cuda"
     return dict(
         base={"source": "hf", "model_id": str(source)},
-        train={"backend": "hf", "epochs": 1, "lr": 2e-4, "max_length": 512, "batch_size": 8,
+        train={"backend": "hf", "epochs": 1, "lr": 3e-3, "max_length": 512, "batch_size": 8,
                "step_tokens": a.step_tokens if a.step_tokens == "auto" else int(a.step_tokens),
                "dtype": "bfloat16" if gpu else "float32", "attn_implementation": "varlen" if gpu else "sdpa",
                "loss_chunk_size": 4096},
-        merge={"device": a.device, "dtype": "bfloat16" if gpu else "float32", "max_abs_logit_diff": 1e-2},
+        # the check still fails a lost or doubled adapter (~1); a few steps of LoRA on a random model
+        # change it little, so bf16 rounding of W + BA is a larger share of that change than usual
+        merge={"device": a.device, "dtype": "bfloat16" if gpu else "float32", "max_abs_logit_diff": 1e-2,
+               "max_rel_logit_diff": 0.5},
         turbomind={"device": a.device, "dtype": "float16", "calib_samples": a.calib_samples, "calib_seqlen": 512,
                    "eval_rows": 4},
-        eval={"device": a.device, "dtype": "bfloat16" if gpu else "float32", "models": a.eval_models,
+        eval={"device": a.device, "dtype": "auto", "models": a.eval_models,  # auto: bf16 on cuda, the AWQ model fp16
               "max_samples": a.eval_samples, "max_new_tokens": a.max_new_tokens, "batch_size": 16},
         register={"experiment": f"gpubench-{name}", "model_name": f"gpubench-{name}"})
 
