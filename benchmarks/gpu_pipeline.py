@@ -231,9 +231,9 @@ def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> N
             say(f"eval: stand-in modules for {', '.join(missing)} (not installed; opencompass only imports them)")
             stage_env = dict(env, PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], str(a.workdir / "stand_ins")]))
         if stage == "train" and a.memory_cap_gb and gpu:  # the cap applies inside the train process only
-            cmd[1:3] = ["-c", "import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
+            cmd[1:3] = ["-c", "import sys, stages, torch; total = torch.cuda.get_device_properties(0).total_memory; "
                               f"torch.cuda.set_per_process_memory_fraction(min(1.0, {a.memory_cap_gb} * 2**30 / total)); "
-                              "sys.argv[0] = 'stages.train'; runpy.run_module('stages.train', run_name='__main__')"]
+                              "sys.argv[0] = 'stages.train'; import stages.train as t; t.run_stage(t.main)"]
         print(f"  [{name}] {stage} ...", flush=True)
         row = rec["stages"][stage] = timed(cmd, cwd, stage_env, cwd / f"logs/{stage}.log")
         row["metrics"] = metrics_of(stage, cwd) if row["status"] == "ok" else {}

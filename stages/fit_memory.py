@@ -158,6 +158,8 @@ def cuda_limit(device) -> tuple[int, float]:
     """(bytes this process may allocate on device, its per-process memory fraction)."""
     import torch
 
+    device = torch.device(device)
+    device = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": its index
     free, total = torch.cuda.mem_get_info(device)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.9
     fraction = get_fraction(device) if get_fraction else 1.0
