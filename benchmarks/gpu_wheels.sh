@@ -25,7 +25,7 @@ COMMON="pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-ins
 LMDEPLOY="mmengine-lite==0.11.0rc3 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.9 pybase64==1.5.1"
 OPENCOMPASS="opencompass==0.5.4 datasets==3.6.0 dill==0.3.8 multiprocess==0.70.16 evaluate==0.4.6 nltk==3.10.4
   rouge==1.0.1 rouge-chinese==1.0.3 fuzzywuzzy==0.18.0 levenshtein==0.27.5 rapidfuzz==3.14.6 gradio_client==2.7.2
-  jsonlines==4.0.0 lazy-importer==0.1.0 openai==3.57.0 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1
+  jsonlines==4.0.0 lazy-importer==0.1.0 openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 h11==0.16.0 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1
   prettytable==3.19.0 wcwidth==0.9.4 rank-bm25==0.2.2 retrying==1.4.2 defusedxml==0.7.1 importlib_metadata==9.1.0"
 SDIST_ONLY="rouge_score==0.1.2 timeout-decorator==0.5.0"   # built here into pure-python wheels
 MLFLOW="opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2

@@ -173,10 +173,14 @@ def tokenizer_dir(base_dir: str) -> Path | str:
     return Path(base_dir) if (Path(base_dir) / "tokenizer_config.json").exists() else resolve_base(base_dir)[0]
 
 
-def stop_words(base_dir: str) -> list[str]:
-    """The template's end-of-turn token(s), as text: every model stops where training taught it to."""
+def stop_words(base_dir: str) -> tuple[list[str], int]:
+    """The template's end-of-turn token(s), as text: every model stops where training taught it to;
+    and the id batches are padded with (the tokenizer's pad, else the end-of-turn token: Llama-3
+    ships no pad token, and OpenCompass would look for one in a generation config)."""
     tokenizer = load_base_tokenizer(base_dir)
-    return tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    return tokenizer.convert_ids_to_tokens(stops), pad
 
 
 def is_hf_model_dir(path: Path) -> bool:
@@ -261,6 +265,7 @@ MODEL_ENTRY = '''
         generation_kwargs=dict(do_sample=False, num_beams=1),  # greedy
         meta_template=_chat_meta_template,
         stop_words={stop!r},
+        pad_token_id={pad_token_id!r},
         max_seq_len={max_seq_len},
         max_out_len={max_new_tokens},
         batch_size={batch_size},
@@ -286,7 +291,7 @@ def hf_run_settings(device: str, dtype: str) -> dict:
 
 
 def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict], device: str,
-                 stop_words: list[str]) -> None:
+                 stop_words: list[str], pad_token_id: int | None = None) -> None:
     """`path` is where the config is written now (a temporary sibling of `final_dir`); the models
     run on `device` (see hf_run_settings); a model's own "dtype" overrides eval.dtype."""
     entries = []
@@ -301,7 +306,7 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict],
         entries.append(MODEL_ENTRY.format(
             abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
             tokenizer_path=config_path_expr(m.get("tokenizer_path", m["path"]), path.parent),
-            tokenizer_kwargs=tokenizer_kwargs, stop=stop_words, max_seq_len=p.max_seq_len,
+            tokenizer_kwargs=tokenizer_kwargs, stop=stop_words, pad_token_id=pad_token_id, max_seq_len=p.max_seq_len,
             max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, run_cfg=settings["run_cfg"]))
     text = CONFIG_HEAD.format(run_name=RUN_NAME, config_path=(final_dir / CONFIG_NAME).as_posix(),
                               meta_template=CHAT_META_TEMPLATE)
@@ -423,7 +428,7 @@ def main() -> None:
             raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")
         # The config names local folders relative to itself. It is written in the temporary
         # sibling of eval/, so the same relative paths hold once it is renamed into place.
-        write_config(tmp / CONFIG_NAME, final_dir, p, models, device, stop_words(args.base))
+        write_config(tmp / CONFIG_NAME, final_dir, p, models, device, *stop_words(args.base))
         abbrs = [m["abbr"] for m in models]
         run_dir = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
         scores = read_summary(run_dir, p.dataset, abbrs)

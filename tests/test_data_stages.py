@@ -289,7 +289,7 @@ def test_texts_skipping_the_python_fixes_need_none(changes):
     fixer, pattern = TextFixer(p), may_need_fixing(p)
     matched = pl.Series(texts).str.contains(pattern).to_list()
     changed = [t for t in texts if fixer.text(t) != t]
-    assert len(changed) >= 25
+    assert len(changed) >= (25 if medical.exists() else 15)  # the tricky texts alone: 20
     assert [t for t, m in zip(texts, matched) if not m and fixer.text(t) != t] == []
 
 
