@@ -89,3 +89,34 @@ def copy_outputs(src: Path, dst: Path, *paths: str) -> None:
             shutil.copytree(src / rel, dst / rel)
         else:
             shutil.copy2(src / rel, dst / rel)
+
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+THINGS = ["sky", "grass", "sun", "snow", "coal", "milk", "plum", "carrot"]
+
+
+def color_conversations(follow_ups: bool = True) -> list[list[dict]]:
+    """24 tiny conversations with a learnable answer; follow_ups: every fifth gets a second turn."""
+    convs = []
+    for i in range(24):
+        thing, color = THINGS[i % 8], COLORS[(i * 3) % 8]
+        messages = [{"role": "system", "content": "You answer briefly."}] if i % 2 == 0 else []
+        messages += [{"role": "user", "content": f"What color is the {thing}?"},
+                     {"role": "assistant", "content": f"The {thing} is {color}."}]
+        if follow_ups and i % 5 == 0:  # a few two-turn conversations
+            messages += [{"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "Yes."}]
+        convs.append(messages)
+    return convs
+
+
+def write_records(path: Path, convs: list[list[dict]]) -> None:
+    """Canonical records (id, source, messages, meta) of `convs`, one JSON object a line."""
+    import json
+
+    from stages.common import content_id
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row, messages in enumerate(convs):
+            f.write(json.dumps({"id": content_id(messages), "source": {"file": "test", "row": row},
+                                "messages": messages, "meta": {}}) + "\n")

@@ -16,32 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_stage, write_params
+from conftest import REPO, color_conversations, run_stage, write_params, write_records
 from remote_code_fixture import TEXTS, write_generic_remote
-from stages.common import StageError, content_id, resolve_base
+from stages.common import StageError, resolve_base
 
 XTUNER_PY = REPO / ".venvs" / "xtuner" / "bin" / "python"
-COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
-THINGS = ["sky", "grass", "sun", "snow", "coal", "milk", "plum", "carrot"]
-
-
-def conversations() -> list[list[dict]]:
-    convs = []
-    for i in range(24):
-        thing, color = THINGS[i % 8], COLORS[(i * 3) % 8]
-        messages = [{"role": "system", "content": "You answer briefly."}] if i % 2 == 0 else []
-        messages += [{"role": "user", "content": f"What color is the {thing}?"},
-                     {"role": "assistant", "content": f"The {thing} is {color}."}]
-        convs.append(messages)
-    return convs
-
-
-def write_records(path: Path, convs: list[list[dict]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row, messages in enumerate(convs):
-            f.write(json.dumps({"id": content_id(messages), "source": {"file": "test", "row": row},
-                                "messages": messages, "meta": {}}) + "\n")
 
 
 def texts_of(convs: list[list[dict]]) -> list[str]:
@@ -62,7 +41,7 @@ def loads_only_with_trust(folder: Path) -> None:
 def chain(tmp_path_factory) -> Path:
     """base (hf, a local remote-code folder, trust_remote_code) -> train (hf) -> merge."""
     work = tmp_path_factory.mktemp("remote_code")
-    convs = conversations()
+    convs = color_conversations(follow_ups=False)
     write_records(work / "data/split/train.jsonl", convs[:20])
     write_records(work / "data/split/val.jsonl", convs[20:])
     write_generic_remote(work / "remote_model", texts_of(convs))

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import color_conversations, write_records
+
 ROOT = Path(__file__).resolve().parents[1]
 XTUNER_PY = ROOT / ".venvs" / "xtuner" / "bin" / "python"
 
@@ -30,34 +32,6 @@ PARAMS = {"train": {"backend": "xtuner", "seed": 7, "epochs": 3, "lr": 1.0e-2, "
                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}}
 ARGS = ["--train", "data/split/train.jsonl", "--val", "data/split/val.jsonl", "--base", "models/base",
         "--work-dir", "models/checkpoints/xtuner"]
-
-COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
-THINGS = ["sky", "grass", "sun", "snow", "coal", "milk", "plum", "carrot"]
-
-
-def conversations() -> list[list[dict]]:
-    convs = []
-    for i in range(24):
-        thing, color = THINGS[i % 8], COLORS[(i * 3) % 8]
-        messages = [{"role": "system", "content": "You answer briefly."}] if i % 2 == 0 else []
-        messages += [{"role": "user", "content": f"What color is the {thing}?"},
-                     {"role": "assistant", "content": f"The {thing} is {color}."}]
-        if i % 5 == 0:  # a few two-turn conversations
-            messages += [{"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "Yes."}]
-        convs.append(messages)
-    return convs
-
-
-def write_records(path: Path, convs: list[list[dict]]) -> None:
-    from stages.common import content_id
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row, messages in enumerate(convs):
-            record = {"id": content_id(messages), "source": {"file": "test", "row": row}, "messages": messages,
-                      "meta": {}}
-            f.write(json.dumps(record) + "\n")
-
 
 def build_base(folder: Path, convs: list[list[dict]]) -> None:
     """The demo base model of stages/base.py, smaller, pre-trained on a few of the conversations
@@ -93,7 +67,7 @@ def train(folder: Path, tag: str) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xtuner")
-    convs = conversations()
+    convs = color_conversations()
     write_records(folder / "data/split/train.jsonl", convs[:20])
     write_records(folder / "data/split/val.jsonl", convs[20:])
     build_base(folder / "models/base", convs)
@@ -199,7 +173,7 @@ def test_xtuner_trains_on_the_chat_template_tokens(trained):
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS=")), None)
     assert line, proc.stderr[-3000:]
     rows = json.loads(line[len("TOKENS="):])["rows"]
-    convs = conversations()[:20]  # the train split the fixture writes
+    convs = color_conversations()[:20]  # the train split the fixture writes
     assert len(rows) == 20 and all(r["same"] for r in rows)
     for row, messages in zip(rows, convs):
         answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
