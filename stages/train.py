@@ -498,13 +498,13 @@ def train_hf(p: TrainParams, args) -> dict:
             curve.append({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6)})
             bar.update()
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-        model.save_pretrained(Path(args.checkpoints) / f"epoch-{epoch + 1}")  # persisted between runs
+        save_adapter(model, Path(args.checkpoints) / f"epoch-{epoch + 1}")  # persisted between runs
     bar.close()
     runtime = time.perf_counter() - started
     val_after = evaluate_loss(model, val, p, pad_id, device)
 
     with atomic_path(args.out, is_dir=True) as out:
-        model.save_pretrained(out, safe_serialization=True)
+        save_adapter(model, out)
         tokenizer.save_pretrained(out)
     write_loss_curve(args.loss_plot, curve)
     return {"train_loss_final": curve[-1]["loss"], "val_loss_before": round(val_before, 6),
@@ -512,6 +512,19 @@ def train_hf(p: TrainParams, args) -> dict:
             "tokens_per_s": round(tokens / runtime, 1), "runtime_s": round(runtime, 2),
             "peak_memory_mb": peak_memory_mb(), **step_report, "gradient_checkpointing": p.gradient_checkpointing,
             "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
+
+
+def save_adapter(model, folder) -> None:
+    """save_pretrained, with adapter_config.json's target_modules sorted: peft keeps them as a set,
+    whose order changes with each process's hash seed, so identical training gave different files."""
+    import json
+
+    model.save_pretrained(folder, safe_serialization=True)
+    config_path = Path(folder) / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_loss_curve(path: str, curve: list[dict]) -> None:
