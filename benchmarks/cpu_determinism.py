@@ -68,16 +68,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="configuration names (default: all)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--data", type=Path, help="a folder whose data/ came from an earlier run's data stages (copied, "
+                    "not rerun: another machine's interpreter may lack the data stages' packages)")
+    ap.add_argument("--keep-data", type=Path, help="copy the data stages' data/ here, for --data elsewhere")
     args = ap.parse_args()
     clean_env = {k: v for k, v in os.environ.items() if k not in KNOBS}
-    clean_env["PYTHONPATH"] = str(REPO)
+    clean_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     folder = Path(tempfile.mkdtemp(prefix="cpu_determinism."))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, changes in SMALL.items():
         params[section].update({k: (dict(params[section][k], **v) if isinstance(v, dict) else v) for k, v in changes.items()})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in ["demo_data", "ingest", "clean", "split"]:
-        stage(folder, clean_env, name)
+    if args.data:
+        shutil.copytree(args.data / "data", folder / "data")
+    else:
+        for name in ["demo_data", "ingest", "clean", "split"]:
+            stage(folder, clean_env, name)
+    if args.keep_data:
+        shutil.copytree(folder / "data", args.keep_data / "data", dirs_exist_ok=True)
 
     results = []
     for name, changes in CONFIGS.items():
@@ -97,8 +105,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "results": results},
-                                             indent=2) + "\n")
+        versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "tokenizers")}
+        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions,
+                                              "results": results}, indent=2) + "\n")
 
 
 def cpu_name() -> str:
