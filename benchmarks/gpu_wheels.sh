@@ -10,6 +10,8 @@
 #               dataset module); jieba (19 MB, sdist only) and tree_sitter(_languages) (9 MB) are not
 #               carried: gpu_pipeline.py gives the eval stage stand-ins for them (only datasets this
 #               benchmark does not run use them)
+#   serving     lmdeploy's api_server on its PyTorch engine (benchmarks/serve_throughput.py): the lmdeploy
+#               wheel above plus what lmdeploy.serve imports (dependency-facts.md lists the set that ran)
 #   register    mlflow 3.17.2 without its web UI (mlflow/server/js/build, 25 MB; register reads the
 #               version of the `mlflow` distribution, which mlflow-skinny alone lacks) and what the
 #               sqlite tracking store imports (sqlalchemy, alembic, cryptography, ...)
@@ -27,6 +29,8 @@ OPENCOMPASS="opencompass==0.5.4 datasets==3.6.0 dill==0.3.8 multiprocess==0.70.1
   rouge==1.0.1 rouge-chinese==1.0.3 fuzzywuzzy==0.18.0 levenshtein==0.27.5 rapidfuzz==3.14.6 gradio_client==2.7.2
   jsonlines==4.0.0 lazy-importer==0.1.0 openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 h11==0.16.0 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1
   prettytable==3.19.0 wcwidth==0.9.4 rank-bm25==0.2.2 retrying==1.4.2 defusedxml==0.7.1 importlib_metadata==9.1.0"
+SERVE="shortuuid==1.0.13 fire==0.7.1 pyzmq==27.3.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11 openai-harmony==0.0.8
+  partial-json-parser==0.2.1.1.post7"
 SDIST_ONLY="rouge_score==0.1.2 timeout-decorator==0.5.0"   # built here into pure-python wheels
 MLFLOW="opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2 sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3 sqlparse==0.6.1
@@ -45,7 +49,7 @@ fetch() {  # binary wheels for python $PYVER on x86-64 Linux, no dependencies re
     "${PLATFORMS[@]}" -d "$DEST" "$@"
 }
 # shellcheck disable=SC2086
-fetch $COMMON $LMDEPLOY $OPENCOMPASS $MLFLOW
+fetch $COMMON $LMDEPLOY $OPENCOMPASS $MLFLOW $SERVE
 # shellcheck disable=SC2086
 pip wheel -q --no-deps --no-binary=:all: -w "$DEST" $SDIST_ONLY
 
