@@ -7,7 +7,8 @@ its reason, so rows in = kept + rejected, in total and for each source. In order
      whitespace, punctuation a turn starts with ("，..."), PII redaction (mainland mobile and
      landline numbers, ID-card numbers, bank cards, emails)
   2. per-row checks: replacement characters (U+FFFD, "锟斤拷"), turn structure, empty turns,
-     placeholder questions and answers, length in characters, domain keywords, identical pairs
+     unfilled template placeholders ({{name}}, <NAME>, [NAME]; filled in step 1 where params give a
+     value), placeholder questions and answers, length in characters, domain keywords, identical pairs
   3. exact duplicates (after the fixes), tokens of the base tokenizer (optional)
   4. near-duplicates: MinHash LSH (datasketch) over character n-grams; dropped, or kept and grouped
      so that split never puts one group on both sides
@@ -38,6 +39,7 @@ import pyarrow as pa
 from stages.clean_checks import checked, on_all_cores, token_counts
 from stages.clean_dedup import NearDuplicates, conflicting_answers, near_duplicate_groups
 from stages.clean_judge import Judge, judge_scores
+from stages.clean_placeholders import Placeholders
 from stages.clean_text import Pii, TextFixer, may_need_fixing
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.columns import line_spans, lines_array, read_table
@@ -66,6 +68,7 @@ class CleanParams(Params):
     near_duplicates: NearDuplicates = NearDuplicates()
     conflicting_answers: Literal["keep", "keep_first", "drop"] = "keep"  # always reported
     pii: Pii = Pii()
+    placeholders: Placeholders = Placeholders()  # {{name}}, <NAME>, [NAME]: filled from values, else rejected
     judge: Judge = Judge()
 
 
@@ -188,9 +191,16 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
         later = firsts["row"].to_numpy().astype(np.int64)
         duplicate_of[later] = firsts["first"].to_numpy()
         reasons[later] = "duplicate"
+    placeholders = facts["placeholder"]
+
+    def why(i: int) -> dict | None:
+        """Keys added to rejected row i: what it duplicates, or the placeholder left unfilled."""
+        if duplicate_of[i] >= 0:
+            return {"duplicate_of": source_of(int(duplicate_of[i]))}
+        return {"placeholder": placeholders[i]} if reasons[i] == "unfilled_placeholder" else None
+
     rejected: list[tuple[int, dict | None, str]] = [
-        (i, {"duplicate_of": source_of(int(duplicate_of[i]))} if duplicate_of[i] >= 0 else None, reasons[i])
-        for i in np.flatnonzero(reasons != None).tolist()]  # noqa: E711 (elementwise)
+        (i, why(i), reasons[i]) for i in np.flatnonzero(reasons != None).tolist()]  # noqa: E711 (elementwise)
     kept = np.flatnonzero(reasons == None)  # noqa: E711
     added: dict[int, dict] = {}  # keys added to kept row i ("group", "judge_score")
     lap("duplicates")

@@ -1,6 +1,6 @@
 """clean, step 2: per-row checks and the facts later steps need, as column expressions (polars)
-over all rows at once: replacement characters, turn structure, empty turns, placeholder questions
-and answers, lengths in characters, domain keywords, identical pairs; then the keys of duplicates,
+over all rows at once: replacement characters, turn structure, empty turns, unfilled template
+placeholders (clean_placeholders.py), placeholder questions and answers, lengths in characters, domain keywords, identical pairs; then the keys of duplicates,
 near-duplicates and conflicts. And the token count rule (step 3, with the base tokenizer)."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from stages.clean_text import BROKEN, PII_TAGS, TextFixer
+from stages.clean_placeholders import unfilled_placeholders
+from stages.clean_text import BROKEN, PII_TAGS, TextFixer, placeholder_finder
 from stages.common import StageError
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     """The reason each (fixed) record is unusable, or null, and the facts later steps need: source
     label, duplicate key, conflict key (system prompt and question), answer key, prompt and answer
     lengths in characters, and the texts near-duplicates and tokens are measured on."""
-    frame = with_folded(frame)
+    finder = placeholder_finder(p)
+    frame = with_folded(frame).with_columns(
+        unfilled_placeholders(frame, finder) if finder else pl.lit(None, dtype=pl.String).alias("placeholder"))
     E = pl.element()
     role, content = E.struct.field("role"), E.struct.field("content")
     folded_turns = pl.col("folded_turns")
@@ -99,6 +102,8 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
         ("empty_turn", chat & (msgs.list.eval(role.is_in(["user", "assistant"]) & (content == "")).list.any()
                                | (rejected == "").fill_null(False))),
         ]
+    if finder is not None:
+        rules.append(("unfilled_placeholder", pl.col("placeholder").is_not_null()))
     if placeholders is not None:
         rules.append(("placeholder_answer", chat & last_content.str.contains(placeholders)))
         if p.placeholder_questions:
@@ -124,7 +129,7 @@ def checked(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     answer_folded = pl.when(is_text).then(text_folded).otherwise(folded_turns.list.last().struct.field("folded"))
     system = msgs.list.eval(E.filter(role == "system").struct.field("content")).list.first().fill_null("")
     columns = [
-        "row", "id", reason.alias("reason"),
+        "row", "id", reason.alias("reason"), "placeholder",
         pl.when(sheet.is_not_null()).then(file + "#" + sheet).otherwise(file).alias("label"),
         # exact duplicates: the same roles and lower-cased texts, tools and rejected answer
         pl.struct(folded_turns, text_folded, tools, rejected).hash().alias("duplicate_key"),

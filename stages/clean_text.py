@@ -1,7 +1,8 @@
 """clean, step 1: text fixes. Each returns the new text and counts what it changed; nothing is dropped
 here. Mojibake (ftfy), Unicode NFKC (Chinese full-width punctuation, ①②③, superscripts and fractions
-kept), HTML tags and entities, whitespace, punctuation a turn starts with ("，..."), and PII
-redaction (mainland mobile and landline numbers, ID-card numbers, bank cards, emails). A cheap
+kept), HTML tags and entities, template placeholders given a value ({{name}}: clean_placeholders.py),
+whitespace, punctuation a turn starts with ("，..."), and PII redaction (mainland mobile and
+landline numbers, ID-card numbers, bank cards, emails). A cheap
 search comes first, so clean text costs little; may_need_fixing is the regex that picks the texts
 the Python fixes run on at all."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import orjson
 
+from stages.clean_placeholders import PlaceholderFinder
 from stages.common import Params
 from stages.records import record_id
 
@@ -94,6 +96,11 @@ def odd_chars(p: CleanParams) -> str:
     return odd + (compat_chars(KEEP if p.keep_cjk_punctuation else "") if p.normalize_unicode else "")
 
 
+def placeholder_finder(p: CleanParams) -> PlaceholderFinder | None:
+    """Template placeholders ({{name}}, [NAME]) to fill in or reject; the redaction markers are text."""
+    return PlaceholderFinder(p.placeholders, PII_TAGS) if p.placeholders.enabled else None
+
+
 class TextFixer:
     """The text fixes of step 1, configured once; counts what each one changed."""
 
@@ -107,6 +114,7 @@ class TextFixer:
         # One scan for a character that mojibake, NFKC or odd whitespace would start with: one
         # regex pass instead of three, and the rules' own checks only if needed
         self.odd = re.compile(f"[{odd}]") if (odd := odd_chars(p)) else None
+        self.placeholders = placeholder_finder(p) if p.placeholders.values else None  # to fill in
 
     def text(self, text: str) -> str:
         p, before = self.p, text
@@ -129,6 +137,10 @@ class TextFixer:
                 self.fixes["html"] += 1
                 text = fixed
                 odd = self.odd is not None and self.odd.search(text) is not None  # "&nbsp;" is odd now
+        if self.placeholders is not None and (fixed := self.placeholders.fill(text)) != text:
+            self.fixes["placeholders_filled"] += 1
+            text = fixed
+            odd = self.odd is not None and self.odd.search(text) is not None  # the values are text too
         if p.replacement_char == "strip" and "\ufffd" in text:
             self.fixes["replacement_char_stripped"] += 1
             text = text.replace("\ufffd", "")
@@ -217,4 +229,6 @@ def may_need_fixing(p: CleanParams) -> str | None:
         parts.append("^[，,。.、；;：:？?）) ]")
     if p.pii.enabled and p.pii.kinds:
         parts += ["@", PII_HINT.pattern]
+    if p.placeholders.enabled and p.placeholders.values and (finder := placeholder_finder(p)).prefilter:
+        parts.append(finder.prefilter)
     return "|".join(parts) or None
