@@ -2,9 +2,9 @@
 <NAME> or [NAME]. A placeholder with a value in params (clean.placeholders.values) is filled in
 among the text fixes of step 1 and the row kept; one without is rejected in step 2
 (unfilled_placeholder), the rejected row naming it. The patterns are regexes in params; what looks
-like a placeholder but is text is left alone: code (Markdown code spans and fences), Markdown links
-[TEXT](url), HTML/XML elements (<BR>, <NAME>...</NAME>), generic types (List<ID>), Roman
-numerals ([III]), the redaction markers ([PHONE]) and the matches listed in `ignore` ([CLS], [INFO])."""
+like a placeholder but is text is left alone: code (Markdown code spans and fences, List<ID>,
+a[MAX_LEN]), Markdown links [TEXT](url), HTML/XML elements (<BR>, <NAME>...</NAME>), Roman numerals,
+the redaction markers ([PHONE]) and the matches listed in `ignore` (Mistral's [TOOL_CALLS])."""
 from __future__ import annotations
 
 import re
@@ -16,14 +16,16 @@ from pydantic import field_validator
 
 from stages.common import Params
 
+# Capitals in brackets are placeholders when they are snake case ([USER_NAME], <QR_CODE_DATA>) or a
+# word templates use; other capitals in brackets are abbreviations ([STEMI], [PO2]) or section tags
+WORDS = "NAME|AUTHOR|USERNAME|COMPANY|ORG|ORGANIZATION|BRAND|PRODUCT|DATE|ADDRESS|CITY|URL|WEBSITE|PLACEHOLDER"
 DEFAULT_PATTERNS = [
-    r"\{\{\s*(?P<name>\w+)\s*\}\}",        # {{name}}, {{ author }} ({{ a.b }} and {{ x | f }} are code)
-    r"<(?P<name>[A-Z][A-Z0-9_]+)>",         # <NAME>, <ORG_NAME>
-    r"\[(?P<name>[A-Z][A-Z0-9_]{2,})\]",    # [NAME], [COMPANY_NAME] (not [A], [1], [Q])
+    r"\{\{\s*(?P<name>\w+)\s*\}\}",  # {{name}}, {{ author }} ({{ a.b }} and {{ x | f }} are code)
+    rf"<(?P<name>[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|{WORDS})>",    # <NAME>, <ORG_NAME>
+    rf"\[(?P<name>[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|{WORDS})\]",  # [NAME], [COMPANY_NAME]
 ]
-# Bracketed capitals that are text: tokenizer special tokens, prompt-format tags, log levels
-DEFAULT_IGNORE = ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "[INST]", "[SYS]",
-                  "[INFO]", "[WARN]", "[WARNING]", "[ERROR]", "[DEBUG]", "[TRACE]", "[FATAL]", "[NOTE]", "[TIP]"]
+# Snake-case capitals that are text: Mistral's chat-template control tokens
+DEFAULT_IGNORE = ["[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[SYSTEM_PROMPT]"]
 HTML_ELEMENTS = set("""a abbr address area article aside audio b base bdi bdo big blockquote body br button canvas
     caption center cite code col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset
     figcaption figure font footer form h1 h2 h3 h4 h5 h6 head header hr html i iframe img input ins kbd label legend
@@ -84,12 +86,13 @@ class PlaceholderFinder:
         whole, name = m[0], m["name"]
         if whole in self.ignore or ROMAN.fullmatch(name) or any(a < m.end() and m.start() < b for a, b in code):
             return True
+        before = text[m.start() - 1:m.start()]
+        if whole[0] in "<[" and before and before.isascii() and (before.isalnum() or before in "_]"):
+            return True  # code: a generic type List<ID>, an index a[MAX_LEN]
         if whole.startswith("[") and text[m.end():m.end() + 1] in ("(", "["):  # [text](url), [text][ref]
             return True
-        if whole.startswith("<"):  # an element (known, or closed later), or a generic type List<ID>
-            before = text[m.start() - 1:m.start()]
-            return (name.lower() in HTML_ELEMENTS or f"</{name}>" in text[m.end():]
-                    or (before.isascii() and (before.isalnum() or before == "_")))
+        if whole.startswith("<"):  # an HTML element, or one closed later (<NAME>...</NAME>)
+            return name.lower() in HTML_ELEMENTS or f"</{name}>" in text[m.end():]
         return False
 
     def fill(self, text: str) -> str:

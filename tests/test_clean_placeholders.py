@@ -67,7 +67,9 @@ LEGITIMATE = [
     "Java: List<ID> ids; Map<KEY, V>; Optional<UUID> x;",                                       # generic types
     "模板里写 `{{name}}`，渲染后就是名字。",                                                      # inline code
     "| {{ transaction.TransactionNote }} | {{ amount | currency }} |",                          # template code
-    "BERT 的输入以 [CLS] 开头、[SEP] 分隔；日志里有 [INFO] 和 [ERROR]。",                            # special tokens, logs
+    "BERT 的输入以 [CLS] 开头、[SEP] 分隔；日志里有 [INFO] 和 [ERROR]；<EOS> 结束。",                 # special tokens, logs
+    "non-ST elevation [NSTE]-ACS or [STEMI]; 氧分压差[PO2]>600mmHg; [INTRO] MatPat: hi",              # abbreviations, tags
+    "int buf[MAX_LEN]; x = table[ROW_COUNT]; [TOOL_CALLS] [{\"name\": \"f\"}]",                       # code, control tokens
     "电话 13812345678，邮箱 a@b.com。",                                                            # redacted to [PHONE]/[EMAIL]
     "用<sep>分隔头尾事件；a < b > c；{name} 与 {{}} 不是占位符。",                                      # lower case, not names
 ]
@@ -118,17 +120,21 @@ def test_inspect_shows_the_reason_and_the_placeholder(tmp_path, monkeypatch, cap
                                                      "the repository)")
 def test_no_false_positives_on_the_shared_data():
     """The real data sets hold many look-alikes ({{ transaction.X }} tables, XML <name>...</name>, <sep>,
-    [Q]/[A], List<Book>, [II]) and no template placeholder: the rule must reject none of their rows.
-    (../shared/data has no identity set; the identity rows above are written by the tests.)"""
+    [Q]/[A], List<Book>, [II], abbreviations [STEMI] [PO2]): none of them is rejected. The one
+    placeholder they hold is caught: two tool-calling answers that hand the user "[QR_CODE_IMAGE_DATA]"
+    instead of data. (../shared/data has no identity set; the identity rows above are written here.)"""
     files = ["medication_qa/MedInfo2019-QA-Medications.xlsx", "chinese_medical_dialogue/neike_5000_6000_gb18030.csv",
              "medicalgpt/medical_sft_1K_format.jsonl", "medicalgpt/dpo_zh_500.jsonl", "medicalgpt/fever.txt",
              "medicalgpt/glaive_toolcall_zh_demo.jsonl", "medicalgpt/toolcall_dpo_zh_demo.jsonl",
              "coig_cqia/ruozhiba_ruozhiba.jsonl"]
-    templated = 0
+    templated, found = 0, []
     for name in files:
         _, records = open_source(Source(path=str(SHARED_DATA / name)))
         records = list(records)
         templated += sum("{{" in json.dumps(r, ensure_ascii=False) for r in records)
         result = clean_records(records, CleanParams(near_duplicates={"enabled": False}))
-        assert "unfilled_placeholder" not in result["metrics"]["rejected_by_reason"], name
+        found += [(name, r["source"]["row"], r["placeholder"]) for r in result["rejected"]
+                  if r["reason"] == "unfilled_placeholder"]
     assert templated >= 1  # the {{ transaction.TransactionNote }} table of dpo_zh_500 is there, and kept
+    tools = "medicalgpt/glaive_toolcall_zh_demo.jsonl"
+    assert found == [(tools, 77, "[QR_CODE_IMAGE_DATA]"), (tools, 85, "[QR_CODE_IMAGE_DATA]")]
