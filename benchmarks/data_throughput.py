@@ -140,7 +140,7 @@ def write_near_duplicate_texts(path: Path, data: list[tuple[str, str, str]]) -> 
 
 MINHASH_ALONE = """if True:
     import sys, time, yaml, pyarrow.feather as feather
-    from stages.clean import minhash_signatures
+    from stages.clean_dedup import minhash_signatures
     nd = yaml.safe_load(open("params.yaml"))["clean"]["near_duplicates"]
     texts = feather.read_table(sys.argv[1], memory_map=True)["text"].combine_chunks()[:int(sys.argv[2])]
     start = time.perf_counter()

@@ -87,6 +87,7 @@ def inspect_file(file: str, ingest: dict, clean: CleanParams, args: argparse.Nam
     kept = result["kept"]
     picks = sorted({0, len(kept) // 2, len(kept) - 1}) if kept else []
     problems = [{"row": r["source"]["row"], "reason": r["reason"],
+                 **({"placeholder": r["placeholder"]} if "placeholder" in r else {}),  # unfilled_placeholder
                  "text": (r["messages"][-1]["content"] if r["messages"] else r.get("text", ""))[:120]}
                 for r in result["rejected"]]
     problems.sort(key=lambda x: (x["row"], x["reason"]))
@@ -128,7 +129,8 @@ def print_report(r: dict) -> None:
     if r["problems"]:
         print("  problems:")
         for p in r["problems"][:10]:
-            print(f"    {r['unit']} {p['row']}: {p['reason']}: {short(p['text'], 100)!r}")
+            what = f"{p['reason']} {p['placeholder']}" if "placeholder" in p else p["reason"]
+            print(f"    {r['unit']} {p['row']}: {what}: {short(p['text'], 100)!r}")
         if r["rows_rejected"] > 10:
             print(f"    ... {r['rows_rejected'] - 10} more (--json lists up to 50)")
     for c in r["conflicts"][:3]:

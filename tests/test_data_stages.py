@@ -112,7 +112,9 @@ def test_missing_column_and_bad_json_are_named(workdir):
 # ----------------------------------------------------------------------------------------------
 # formats and containers
 # ----------------------------------------------------------------------------------------------
-from stages.clean import CleanParams, TextFixer, clean_records, minhash_signatures, ngram_hash32  # noqa: E402
+from stages.clean import CleanParams, clean_records  # noqa: E402
+from stages.clean_dedup import minhash_signatures, ngram_hash32  # noqa: E402
+from stages.clean_text import TextFixer  # noqa: E402
 from stages.ingest import Source, open_source  # noqa: E402
 
 
@@ -279,7 +281,7 @@ def test_texts_skipping_the_python_fixes_need_none(changes):
     changes must match it (tricky texts, and the shared data's questions and answers where present)."""
     import polars as pl
 
-    from stages.clean import may_need_fixing
+    from stages.clean_text import may_need_fixing
 
     texts = list(TRICKY_TEXTS)
     medical = SHARED_DATA / "chinese_medical_dialogue/neike_5000_6000_gb18030.csv"
@@ -392,7 +394,7 @@ def test_minhash_signatures_are_datasketchs():
 def test_lower_cased_is_polars_lowercase_for_every_character():
     import polars as pl
 
-    from stages.clean import lower_cased
+    from stages.clean_checks import lower_cased
 
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
     texts = pl.Series(chars + ["ΟΔΟΣ ΟΔΟΣ", "İstanbul", "高血压 ABC", "无", None, ""])  # final sigma, a two-character lowering
@@ -402,7 +404,7 @@ def test_lower_cased_is_polars_lowercase_for_every_character():
 def test_exact_jaccard_is_that_of_the_ngram_sets():
     import numpy as np
 
-    from stages.clean import jaccard_into, utf8_buffers
+    from stages.clean_dedup import jaccard_into, utf8_buffers
 
     def grams(text: str) -> set[str]:
         return {text[i:i + 5] for i in range(len(text) - 4)} if len(text) >= 5 else {text}
