@@ -46,3 +46,13 @@ for env in $ENVS; do make_env "$env"; done
 # The pipeline needs a git repo with a commit (dvc exp run) and DVC initialised.
 if [ ! -d .dvc ] && [ -x .venvs/core/bin/dvc ]; then .venvs/core/bin/dvc init -q; fi
 echo "[setup] done. Run the pipeline with: .venvs/core/bin/dvc repro"
+
+# ---- review report test (tests/test_review.py) --------------------------------------------------
+# The test renders registry/review.html in headless Chromium through playwright, using Debian's
+# chromium package rather than a browser playwright would download (no network needed at test time).
+# Installed only when we are root, apt-get exists and chromium is missing; without it the test skips.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
+  echo "[setup] chromium: installing (apt-get) for the review report's browser test"
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null \
+    || echo "[setup] chromium: not installed; tests/test_review.py's browser test will skip"
+fi
