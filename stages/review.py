@@ -29,6 +29,10 @@ from stages.dvc_hashes import lock_hashes
 from stages.review_html import Chart, Code, Section, Table, Text, is_number, render_html, render_markdown
 
 
+# a rejected row is its record plus the reason and what clean added (duplicate_of, placeholder, ...)
+RECORD_KEYS = {"id", "source", "messages", "meta", "text", "tools", "rejected", "reason"}
+
+
 class ReviewParams(Params):
     champion_alias: str = "champion"             # the alias of the version in production
     base: str = "base"                           # eval model abbrs (metrics/eval.json, predictions)
@@ -162,10 +166,11 @@ def data_card(inputs: dict, p: ReviewParams) -> Section:
     for row in inputs["rejected"]:
         if len(examples[row.get("reason", "")]) < p.rejected_examples:
             examples[row.get("reason", "")].append(row)
-    blocks.append(Table(["reason", "source", "conversation"],
+    blocks.append(Table(["reason", "source", "detail", "conversation (system prompt left out)"],
                         [[reason, f"{r.get('source', {}).get('file', '')}:{r.get('source', {}).get('row', '')}",
-                          short(" / ".join(f"{m['role']}: {m['content']}" for m in r.get("messages", []))
-                                or r.get("text", ""), p.max_chars)]
+                          ", ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in r.items() if k not in RECORD_KEYS),
+                          short(" / ".join(f"{m['role']}: {m['content']}" for m in r.get("messages", [])
+                                           if m.get("role") != "system") or r.get("text", ""), p.max_chars)]
                          for reason, rows in sorted(examples.items()) for r in rows],
                         f"Rejected rows, at most {p.rejected_examples} per reason (data/cleaned/rejected.jsonl)"))
     return Section("Data card", blocks)
@@ -231,6 +236,7 @@ def answers_section(predictions: list[dict], champion_preds: list[dict], p: Revi
         by_row[(row.get("set", ""), row["id"])][row["model"]] = row
     champion = {(r.get("set", ""), r["id"]): r["prediction"] for r in champion_preds if r.get("model") == p.candidate}
     against = "champion" if champion else "base"
+    with_sets = any(s for s, _ in by_row)  # predictions of several eval sets name theirs
     rows = []
     for key, models in by_row.items():
         first = next(iter(models.values()))
@@ -238,12 +244,12 @@ def answers_section(predictions: list[dict], champion_preds: list[dict], p: Revi
         other = champion.get(key, "") if champion else models.get(p.base, {}).get("prediction", "")
         change = 1 - difflib.SequenceMatcher(None, other, cand, autojunk=False).ratio()
         question = next((m["content"] for m in reversed(first.get("prompt", [])) if m.get("role") == "user"), "")
-        rows.append([round(change, 3), short(question, p.max_chars), short(first.get("reference", ""), p.max_chars),
+        rows.append([round(change, 3), *([key[0]] if with_sets else []), short(question, p.max_chars), short(first.get("reference", ""), p.max_chars),
                      short(models.get(p.base, {}).get("prediction", ""), p.max_chars),
                      *([short(champion.get(key, ""), p.max_chars)] if champion else []),
                      short(cand, p.max_chars), short(models.get(p.quantized, {}).get("prediction", ""), p.max_chars)])
     rows.sort(key=lambda r: -r[0])
-    headers = [f"change vs {against}", "question", "reference", "base", *(["champion"] if champion else []),
+    headers = [f"change vs {against}", *(["set"] if with_sets else []), "question", "reference", "base", *(["champion"] if champion else []),
                "candidate", "quantized"]
     return Section("Side-by-side answers", [
         Text(f"{len(rows)} test conversations (eval/predictions.jsonl); the {min(p.answers, len(rows))} whose candidate "

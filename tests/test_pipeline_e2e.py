@@ -55,7 +55,8 @@ def checkout(tmp_path_factory):
 
 def test_repro_runs_every_stage_then_nothing(checkout):
     root, env, first = checkout
-    for stage in ["demo_data", "ingest", "clean", "split", "base", "train", "merge", "turbomind", "eval", "register", "upload"]:
+    for stage in ["demo_data", "ingest", "clean", "split", "base", "train", "merge", "turbomind", "eval", "register",
+                  "review", "upload"]:
         assert f"Running stage '{stage}'" in first
     assert "up to date" in sh(root, ".venvs/core/bin/dvc", "status", env=env)
     second = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
@@ -74,6 +75,8 @@ def test_outputs_are_what_the_next_tools_load(checkout):
     receipt = json.loads((root / "upload/receipt.json").read_text())
     assert receipt["model_uri"] == record["model_uri"]
     assert (root / receipt["destination"] / "README.md").exists()
+    for report in ["registry/review.html", "registry/review.md"]:
+        assert f"Review: {record['model_name']} version {record['version']}" in (root / report).read_text()
 
 
 def test_mlflow_holds_the_run_and_the_version(checkout):
@@ -121,7 +124,7 @@ def test_an_eval_param_reruns_only_eval_and_what_follows(checkout):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert ran == ["eval", "register", "upload"]
+    assert ran[:2] == ["eval", "register"] and sorted(ran[2:]) == ["review", "upload"]  # both follow register
 
 
 @pytest.mark.parametrize("family", ["llama3"])
@@ -132,7 +135,7 @@ def test_dvc_repro_with_a_non_chatml_base_model(tmp_path_factory, family):
 
     model_dir = write_family_model(FAMILIES[family], tmp_path_factory.mktemp("hub") / family, hidden=128, heads=2)
     root, _, first = make_checkout(tmp_path_factory.mktemp("family"), {"base": {"source": "hf", "model_id": str(model_dir)}})
-    for stage in ["base", "train", "merge", "turbomind", "eval", "register", "upload"]:
+    for stage in ["base", "train", "merge", "turbomind", "eval", "register", "review", "upload"]:
         assert f"Running stage '{stage}'" in first
     from transformers import AutoTokenizer
 

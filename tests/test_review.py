@@ -51,6 +51,7 @@ def write_inputs(folder: Path) -> None:
     rejected = [{"id": "r1", "source": {"file": "data/raw/x.xlsx", "row": 4}, "reason": "placeholder_answer",
                  "messages": [{"role": "user", "content": "What about X?"}, {"role": "assistant", "content": "N/A"}]},
                 {"id": "r2", "source": {"file": "data/raw/x.xlsx", "row": 9}, "reason": "duplicate",
+                 "duplicate_of": {"file": "data/raw/x.xlsx", "row": 2},
                  "messages": [{"role": "user", "content": SCRIPT}, {"role": "assistant", "content": "ok"}]}]
     write(folder / "data/cleaned/rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
     for name, n in {"train": 5, "val": 2, "test": 3}.items():
@@ -165,6 +166,7 @@ def test_report_against_champion(store, monkeypatch):
         assert "version 1 (@champion now)" in text
         assert "12 rows in, 10 kept, 2 rejected" in text
         assert "placeholder_answer" in text and "data/raw/x.xlsx:4" in text
+        assert 'duplicate_of: {"file": "data/raw/x.xlsx", "row": 2}' in text
         # params diff: exactly the two changed params, with both values
         assert "2 params differ" in text
         for row in ["train.lr", "0.001", "0.003", "train.lora.r"]:
@@ -245,3 +247,16 @@ def test_page_renders_in_chromium(store, monkeypatch):
     assert len(charts) == 2 and all(box["width"] > 600 and box["height"] > 250 for box in charts)
     assert headers == ["Data card", "Params vs champion", "Scores", "Loss curve", "Side-by-side answers", "Reproducibility"]
     assert SCRIPT in first_answer_row   # shown as text (the largest change), not run
+
+
+def test_answers_of_several_eval_sets():
+    """Predictions that name their eval set (several sets) get a set column; the biggest change comes first."""
+    from stages.review import ReviewParams, answers_section
+
+    rows = [{"set": s, "model": m, "id": "q", "prompt": [{"role": "user", "content": f"question {s}"}],
+             "prediction": answer, "reference": "r"}
+            for s, answers in {"exam": {"base": "A", "merged": "A"}, "demo_qa": {"base": "xyz", "merged": "abc"}}.items()
+            for m, answer in answers.items()]
+    table = answers_section(rows, [], ReviewParams()).blocks[1]
+    assert table.headers[:3] == ["change vs base", "set", "question"]
+    assert [r[:3] for r in table.rows] == [[1.0, "demo_qa", "question demo_qa"], [0.0, "exam", "question exam"]]
