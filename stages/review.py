@@ -100,12 +100,12 @@ def read_csv(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- MLflow
 
-def champion_of(client, record: dict, alias: str):
+def champion_of(client, record: dict, version_tags: dict, alias: str):
     """(the champion version to compare with or None, a sentence saying which it is and why)."""
     from mlflow.exceptions import MlflowException
 
     name, version = record["model_name"], str(record["version"])
-    before = client.get_model_version(name, version).tags.get("gate.champion_before")
+    before = version_tags.get("gate.champion_before")
     if before and before != "none":
         return client.get_model_version(name, before), f"version {before}, @{alias} when version {version} was registered"
     if before == "none":
@@ -124,6 +124,7 @@ def champion_predictions(champion_run: str, tmp: Path) -> list[dict]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
     try:
         return read_jsonl(mlflow.artifacts.download_artifacts(run_id=champion_run, artifact_path="predictions.jsonl",
                                                               dst_path=str(tmp)))
@@ -190,7 +191,8 @@ def params_section(params: dict, champion_params: dict | None, champion_note: st
         Table(["param", "champion", "this version"], diff, "Params that differ")])
 
 
-def scores_section(inputs: dict, champion_metrics: dict | None, record: dict, p: ReviewParams) -> Section:
+def scores_section(inputs: dict, champion: dict, record: dict, p: ReviewParams) -> Section:
+    champion_metrics = champion["metrics"]
     ours, theirs = eval_scores(inputs["eval"]), eval_scores(champion_metrics or {})
     models = [p.base, p.candidate, p.quantized]
     others = sorted({m for _, m, _ in ours} - set(models))
@@ -204,6 +206,8 @@ def scores_section(inputs: dict, champion_metrics: dict | None, record: dict, p:
     headers = ["set", "metric", f"base ({p.base})", f"candidate ({p.candidate})", "champion", "candidate − champion",
                f"quantized ({p.quantized})", "quantized − candidate", "champion quantized", *others]
     blocks = [Text(record["gate_summary"])] if record.get("gate_summary") else []
+    if champion["gate"]:
+        blocks.append(Table(["promotion gate", "outcome"], champion["gate"], "Promotion gate (version tags gate.*)"))
     blocks.append(Table(headers, rows, "Eval scores (metrics/eval.json; champion from its MLflow run)"))
     stage = {k: v for k, v in flatten(inputs["metrics"]).items() if is_number(v) and not k.startswith("eval.")}
     blocks.append(Table(["metric", "this version", "champion"],
@@ -305,11 +309,13 @@ def from_mlflow(record: dict, p: ReviewParams, tmp: Path) -> dict:
     client = MlflowClient()
     try:
         run_tags = client.get_run(record["run_id"]).data.tags
-        champion, note = champion_of(client, record, p.champion_alias)
+        version_tags = client.get_model_version(record["model_name"], str(record["version"])).tags
+        champion, note = champion_of(client, record, version_tags, p.champion_alias)
     except MlflowException as e:
         raise StageError(f"MLflow ({record['tracking_uri']}): cannot read run {record['run_id']} / "
                          f"{record['model_name']} version {record['version']}: {str(e).splitlines()[0]}") from None
-    found = {"run_tags": run_tags, "note": note, "params": None, "metrics": None, "loss": [], "predictions": []}
+    gate = [[k.removeprefix("gate."), v] for k, v in sorted(version_tags.items()) if k.startswith("gate.")]
+    found = {"run_tags": run_tags, "gate": gate, "note": note, "params": None, "metrics": None, "loss": [], "predictions": []}
     if champion is not None:
         run = client.get_run(champion.run_id)
         found.update(params=run.data.params, metrics=run.data.metrics,
@@ -323,7 +329,7 @@ def build(record: dict, inputs: dict, champion: dict, p: ReviewParams) -> tuple[
     subtitle = (f"{record['model_uri']} @{record.get('alias', '')}, MLflow run {record['run_id']}, commit "
                 f"{record.get('git_commit', 'unknown')}. Champion: {champion['note']}.")
     sections = [data_card(inputs, p), params_section(inputs["params"], champion["params"], champion["note"]),
-                scores_section(inputs, champion["metrics"], record, p), loss_section(inputs, champion["loss"]),
+                scores_section(inputs, champion, record, p), loss_section(inputs, champion["loss"]),
                 answers_section(inputs["predictions"], champion["predictions"], p),
                 reproduce_section(record, inputs, champion["run_tags"])]
     return title, subtitle, sections

@@ -128,7 +128,8 @@ def store(tmp_path_factory):
     run_id = log_run(mlflow, client, params, {"eval.demo_qa.merged.rougeL": 77.96}, {"git_dirty": "False"})
     register(client, "tunepipe-demo", run_id)
     register(client, "lonely", run_id)
-    register(client, "gated", run_id, {"gate.champion_before": "none"})
+    register(client, "gated", run_id, {"gate.champion_before": "none", "gate.decision": "pass",
+                                        "gate.beats_base": "pass: demo_qa rougeL 77.96 > base 8.08"})
     return {"folder": folder, "uri": uri, "run_id": run_id}
 
 
@@ -208,6 +209,7 @@ def test_no_champion_alias(store, monkeypatch):
         assert "change vs base" in text   # no champion answers: changes are measured from the base model
     page, _ = review(store, monkeypatch, model="gated", version=1)
     assert "no @champion before version 1: it is the first to pass the gate" in page
+    assert "Promotion gate (version tags gate.*)" in page and "pass: demo_qa rougeL 77.96 &gt; base 8.08" in page
 
 
 def chromium_path() -> str:
