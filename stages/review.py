@@ -169,7 +169,8 @@ def data_card(inputs: dict, p: ReviewParams) -> Section:
             examples[row.get("reason", "")].append(row)
     blocks.append(Table(["reason", "source", "detail", "conversation (system prompt left out)"],
                         [[reason, f"{r.get('source', {}).get('file', '')}:{r.get('source', {}).get('row', '')}",
-                          ", ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in r.items() if k not in RECORD_KEYS),
+                          ", ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}"
+                                    for k, v in r.items() if k not in RECORD_KEYS),
                           short(" / ".join(f"{m['role']}: {m['content']}" for m in r.get("messages", [])
                                            if m.get("role") != "system") or r.get("text", ""), p.max_chars)]
                          for reason, rows in sorted(examples.items()) for r in rows],
@@ -244,17 +245,16 @@ def answers_section(predictions: list[dict], champion_preds: list[dict], p: Revi
     rows = []
     for key, models in by_row.items():
         first = next(iter(models.values()))
-        cand = models.get(p.candidate, {}).get("prediction", "")
-        other = champion.get(key, "") if champion else models.get(p.base, {}).get("prediction", "")
-        change = 1 - difflib.SequenceMatcher(None, other, cand, autojunk=False).ratio()
+        answer = {model: models.get(model, {}).get("prediction", "") for model in [p.base, p.candidate, p.quantized]}
+        other = champion.get(key, "") if champion else answer[p.base]
+        change = 1 - difflib.SequenceMatcher(None, other, answer[p.candidate], autojunk=False).ratio()
         question = next((m["content"] for m in reversed(first.get("prompt", [])) if m.get("role") == "user"), "")
-        rows.append([round(change, 3), *([key[0]] if with_sets else []), short(question, p.max_chars), short(first.get("reference", ""), p.max_chars),
-                     short(models.get(p.base, {}).get("prediction", ""), p.max_chars),
-                     *([short(champion.get(key, ""), p.max_chars)] if champion else []),
-                     short(cand, p.max_chars), short(models.get(p.quantized, {}).get("prediction", ""), p.max_chars)])
+        texts = [question, first.get("reference", ""), answer[p.base], *([other] if champion else []),
+                 answer[p.candidate], answer[p.quantized]]
+        rows.append([round(change, 3), *([key[0]] if with_sets else []), *(short(t, p.max_chars) for t in texts)])
     rows.sort(key=lambda r: -r[0])
-    headers = [f"change vs {against}", *(["set"] if with_sets else []), "question", "reference", "base", *(["champion"] if champion else []),
-               "candidate", "quantized"]
+    headers = [f"change vs {against}", *(["set"] if with_sets else []), "question", "reference", "base",
+               *(["champion"] if champion else []), "candidate", "quantized"]
     return Section("Side-by-side answers", [
         Text(f"{len(rows)} test conversations (eval/predictions.jsonl); the {min(p.answers, len(rows))} whose candidate "
              f"answer differs most from the {against}'s (1 − difflib similarity) are shown."),
