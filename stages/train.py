@@ -431,10 +431,10 @@ def train_hf(p: TrainParams, args) -> dict:
     if resumable:
         run = checkpoints.load(resumable, model, optimizer, scheduler)["run"]
         print(f"train: resuming from {resumable} (step {run['step']} of {total_steps})")
-    resumed_from = run["step"]
     else:
         run = {"step": 0, "curve": [], "tokens": 0, "runtime_s": 0.0,
                "val_before": evaluate_loss(model, val, p, pad_id, device)}
+    resumed_from = run["step"]
     started = time.perf_counter() - run["runtime_s"]
     model.train()
     bar = tqdm(total=total_steps, initial=run["step"], desc=f"train (hf, {device.type})")
