@@ -372,8 +372,8 @@ def resumable(work: Path, made_from: dict, mode: str, total_steps: int) -> tuple
     """(whether xtuner can continue the run in work from its last_checkpoint, with mmengine's own
     resume; a one-line reason when there is a checkpoint it cannot continue from). A checkpoint
     at the last step is a finished run's: a rerun trains afresh."""
-    pointer = work / "last_checkpoint"
-    checkpoint = Path(pointer.read_text(encoding="utf-8").strip()) if pointer.is_file() else None
+    pointer = work / "last_checkpoint"  # mmengine writes it once the .pth it names is complete
+    checkpoint = work / Path(pointer.read_text(encoding="utf-8").strip()).name if pointer.is_file() else None
     if checkpoint is None or not checkpoint.is_file():
         return False, ""
     if mode == "never":
