@@ -47,8 +47,16 @@ def fingerprint(params: dict, inputs: list[str | Path]) -> dict:
     return {"params": {k: v for k, v in params.items() if k not in NOT_FINGERPRINTED}, "files": files}
 
 
+def with_order(made_from: dict, plan: list) -> dict:
+    """The fingerprint plus a digest of the run's data order (its steps' example indices), which
+    step_tokens auto makes depend on the GPU as well as on params and data."""
+    return dict(made_from, order=hashlib.sha256(json.dumps(plan).encode()).hexdigest())
+
+
 def mismatch(saved: dict, current: dict) -> str | None:
     """Why a checkpoint made from `saved` cannot continue a run of `current` (None if it can)."""
+    if saved.get("order") != current.get("order"):
+        return "the data order changed (train.step_tokens auto measured another budget?)"
     for key in sorted(set(saved["params"]) | set(current["params"])):
         old, new = saved["params"].get(key), current["params"].get(key)
         if old != new:
@@ -99,10 +107,11 @@ def clear(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def save(folder: Path, step: int, model, optimizer, scheduler, run_state: dict, made_from: dict,
-         save_adapter) -> Path:
+def save(folder: Path, step: int, model, optimizer, scheduler, run_state: dict, made_from: dict) -> Path:
     """Write step's checkpoint atomically, then drop the older ones."""
     import torch
+
+    from stages.train import save_adapter
 
     target = folder / f"step-{step:06d}"
     with atomic_path(target, is_dir=True) as tmp:

@@ -424,6 +424,7 @@ def train_hf(p: TrainParams, args) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(p.warmup_ratio * total_steps), total_steps)
 
     # the run so far: a fresh one, or what the last matching checkpoint holds
+    made_from = checkpoints.with_order(made_from, plan)
     saved_at = Path(args.checkpoints) / "hf"
     resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
     if why_not:
@@ -454,7 +455,7 @@ def train_hf(p: TrainParams, args) -> dict:
             bar.set_postfix(loss=f"{run['curve'][-1]['loss']:.4f}")
             if p.save_every and step % p.save_every == 0:
                 run["runtime_s"] = time.perf_counter() - started
-                checkpoints.save(saved_at, step, model, optimizer, scheduler, run, made_from, save_adapter)
+                checkpoints.save(saved_at, step, model, optimizer, scheduler, run, made_from)
     bar.close()
     runtime = time.perf_counter() - started
     val_after = evaluate_loss(model, val, p, pad_id, device)
