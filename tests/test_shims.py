@@ -46,8 +46,9 @@ import numpy, torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 with tempfile.NamedTemporaryFile(suffix=".pth") as f:
-    torch.save({"meta": {"iter": 3}, "message_hub": {"log_scalars": {"loss": HistoryBuffer(numpy.array([1.0]))}}},
-               f.name)
+    loss = HistoryBuffer()
+    loss.update(numpy.float64(1.0))
+    torch.save({"meta": {"iter": 3}, "message_hub": {"log_scalars": {"loss": loss}}}, f.name)
     try:
         CheckpointLoader.load_checkpoint(f.name, map_location="cpu")
         facts["mmengine_load_checkpoint_error"] = None
@@ -155,7 +156,7 @@ def test_shims_apply_is_idempotent_and_patches():
         "from mmengine.logging import HistoryBuffer\n"
         "from mmengine.runner.checkpoint import CheckpointLoader\n"
         "f = tempfile.NamedTemporaryFile(suffix='.pth')\n"
-        "torch.save({'hub': HistoryBuffer(numpy.array([1.0]))}, f.name)\n"
+        "hub = HistoryBuffer(); hub.update(numpy.float64(1.0)); torch.save({'hub': hub}, f.name)\n"
         "assert CheckpointLoader.load_checkpoint(f.name, map_location='cpu')['hub'].current() == 1.0\n"
         "print('APPLIED', first, second)\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
