@@ -140,6 +140,36 @@ def xtuner_bos_for_tokenizers_without_bos() -> bool:
     return True
 
 
+@shim("xtuner")
+def mmengine_resume_loads_its_checkpoints() -> bool:
+    """What broke: torch 2.6 made `weights_only=True` the default of `torch.load`; mmengine 0.10.6's
+    loader for local files (`mmengine.runner.checkpoint.load_from_local`, behind `Runner.resume`
+    and `load_from`) calls `torch.load` without it, and mmengine's own checkpoints hold more than
+    tensors (the message hub's HistoryBuffers, numpy arrays), so resuming a killed xtuner run
+    fails with `UnpicklingError: Weights only load failed`. Patched: that loader reads with
+    weights_only=False, as before torch 2.6 (it reads the checkpoints the stage's own run wrote)."""
+    import inspect
+    import os
+
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    original = CheckpointLoader._schemes.get("")
+    if original is None or getattr(original, "_tunepipe_shim", False) or "weights_only" in inspect.getsource(original):
+        return False
+
+    def load_from_local(filename, map_location):
+        import torch
+
+        filename = os.path.expanduser(filename)
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f"{filename} can not be found.")
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+    load_from_local._tunepipe_shim = True
+    CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m stages.shims [--env ENV] MODULE [ARGS...]`: apply ENV's shims, then run MODULE
     as `__main__` with ARGS, as `python -m MODULE ARGS...` would."""

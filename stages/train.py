@@ -7,6 +7,8 @@ Loss is on assistant tokens only: each answer and the end-of-turn token after it
 base model's own chat template (stages/chat_template.py). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
 attention is masked per document, so the loss equals the unpacked (padded) one.
+Every train.save_every steps a checkpoint (adapter, optimizer, scheduler, RNG states, step) goes
+to <checkpoints>/hf/; with train.resume auto a rerun continues from it (stages/checkpoints.py).
 
 Speed options of the hf backend (defaults keep the plain, exact CPU path; benchmarks/ measures them):
   attn_implementation=varlen  FlashAttention-2's variable-length kernel that ships inside torch
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import math
 import random
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
+from stages.chunked_loss import chunked_causal_lm_loss
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 
@@ -72,6 +74,8 @@ class TrainParams(Params):
     loss_chunk_size: int = 0       # hf: >0: loss from hidden states this many tokens at a time
     compile: bool = False          # hf: torch.compile each decoder layer
     gradient_checkpointing: bool = False
+    save_every: int = Field(50, ge=0)  # steps between resumable checkpoints (stages/checkpoints.py); 0: none
+    resume: Literal["auto", "never"] = "auto"  # auto: a rerun continues from the last matching checkpoint
     lora: LoraParams = LoraParams()
 
 
@@ -238,73 +242,6 @@ def register_varlen_attention() -> None:
     AttentionInterface.register(VARLEN, varlen_attention)
 
 
-# --- loss -------------------------------------------------------------------------------------------
-
-def ce_chunk(logits, targets, weight):
-    """Cross-entropy sum of one chunk and its gradient w.r.t. the logits (softmax in fp32, as
-    transformers' loss does); weight: each token's share of the mean (0 for unlabelled ones)."""
-    import torch
-
-    x = logits.float()
-    lse = x.logsumexp(-1)
-    safe = targets.clamp(min=0)
-    picked = x.gather(1, safe[:, None]).squeeze(1)
-    loss = ((lse - picked) * (weight > 0)).sum()
-    grad = (x - lse[:, None]).exp()
-    grad = grad - (torch.arange(x.shape[1], device=x.device) == safe[:, None]).to(grad.dtype)
-    return loss, (grad * weight[:, None]).to(logits.dtype)
-
-
-@functools.cache
-def chunked_ce_function(compiled: bool):
-    """autograd Function: mean CE of hidden @ weight.T over labelled targets, chunk by chunk. The
-    gradient is made in the forward pass, so only hidden-sized tensors are kept for backward."""
-    import torch
-
-    chunk_fn = torch.compile(ce_chunk, dynamic=True) if compiled else ce_chunk
-
-    class ChunkedCE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk_size: int):
-            labelled = targets != IGNORE
-            share = labelled / labelled.sum().clamp(min=1)  # tokens' weights in the mean, no host sync
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for a in range(0, hidden.shape[0], chunk_size):
-                h = hidden[a:a + chunk_size]
-                loss, grad = chunk_fn(h @ weight.t(), targets[a:a + chunk_size], share[a:a + chunk_size])
-                total += loss
-                if grad_hidden is not None:
-                    grad_hidden[a:a + chunk_size] = grad @ weight
-                if grad_weight is not None:
-                    grad_weight += (grad.t() @ h).float()
-            ctx.save_for_backward(grad_hidden, grad_weight)
-            ctx.weight_dtype = weight.dtype
-            return total / labelled.sum().clamp(min=1)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            grad_hidden, grad_weight = ctx.saved_tensors
-            return (grad_hidden * grad_out if grad_hidden is not None else None,
-                    (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
-
-    return ChunkedCE
-
-
-def chunked_causal_lm_loss(hidden, weight, labels, position_ids, chunk_size: int, compiled: bool = False):
-    """transformers' causal-LM loss (mean next-token CE over labelled tokens) from the final hidden
-    states and the output-embedding weight, chunk_size tokens at a time."""
-    import torch
-
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]
-    if position_ids is not None:  # a packed document's last token does not predict the next document
-        targets[:, :-1].masked_fill_(position_ids[:, 1:] == 0, IGNORE)
-    function = chunked_ce_function(compiled)
-    return function.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.flatten(), chunk_size)
-
-
 def batch_loss(model, batch, p: TrainParams | None = None) -> "torch.Tensor":
     """Mean cross-entropy over every labelled token of the step (same for packed and padded)."""
     import torch
@@ -466,6 +403,9 @@ def train_hf(p: TrainParams, args) -> dict:
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from stages import checkpoints
+
+    made_from = checkpoints.fingerprint(p.model_dump(mode="json"), [args.train, args.val, args.base])
     random.seed(p.seed)
     torch.manual_seed(p.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -483,22 +423,39 @@ def train_hf(p: TrainParams, args) -> dict:
     optimizer = make_optimizer(model, p, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(p.warmup_ratio * total_steps), total_steps)
 
-    curve, tokens, step = [], 0, 0
-    val_before = evaluate_loss(model, val, p, pad_id, device)
-    started = time.perf_counter()
+    # the run so far: a fresh one, or what the last matching checkpoint holds
+    made_from = checkpoints.with_order(made_from, plan)
+    saved_at = Path(args.checkpoints) / "hf"
+    resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
+    if why_not:
+        print(f"train: resume: {why_not}")
+    if resumable:
+        run = checkpoints.load(resumable, model, optimizer, scheduler)["run"]
+        print(f"train: resuming from {resumable} (step {run['step']} of {total_steps})")
+    else:
+        run = {"step": 0, "curve": [], "tokens": 0, "runtime_s": 0.0,
+               "val_before": evaluate_loss(model, val, p, pad_id, device)}
+    resumed_from = run["step"]
+    started = time.perf_counter() - run["runtime_s"]
     model.train()
-    bar = tqdm(total=total_steps, desc=f"train (hf, {device.type})")
+    bar = tqdm(total=total_steps, initial=run["step"], desc=f"train (hf, {device.type})")
+    step = 0
     for epoch, steps in enumerate(plan):
         for indices in steps:
+            step += 1
+            if step <= resumed_from:  # done before the checkpoint: its position in the data order
+                continue
             chunk = [train[j] for j in indices]
             loss = train_step(model, make_batch(chunk, p, pad_id, device), optimizer, p)
             scheduler.step()
-            step += 1
-            tokens += sum(len(e["input_ids"]) for e in chunk)
-            curve.append({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6)})
+            run["tokens"] += sum(len(e["input_ids"]) for e in chunk)
+            run["curve"].append({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6)})
+            run["step"] = step
             bar.update()
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-        save_adapter(model, Path(args.checkpoints) / f"epoch-{epoch + 1}")  # persisted between runs
+            bar.set_postfix(loss=f"{run['curve'][-1]['loss']:.4f}")
+            if p.save_every and step % p.save_every == 0:
+                run["runtime_s"] = time.perf_counter() - started
+                checkpoints.save(saved_at, step, model, optimizer, scheduler, run, made_from)
     bar.close()
     runtime = time.perf_counter() - started
     val_after = evaluate_loss(model, val, p, pad_id, device)
@@ -506,12 +463,13 @@ def train_hf(p: TrainParams, args) -> dict:
     with atomic_path(args.out, is_dir=True) as out:
         save_adapter(model, out)
         tokenizer.save_pretrained(out)
-    write_loss_curve(args.loss_plot, curve)
-    return {"train_loss_final": curve[-1]["loss"], "val_loss_before": round(val_before, 6),
-            "val_loss_after": round(val_after, 6), "steps": step, "train_tokens": tokens,
-            "tokens_per_s": round(tokens / runtime, 1), "runtime_s": round(runtime, 2),
+    write_loss_curve(args.loss_plot, run["curve"])
+    return {"train_loss_final": run["curve"][-1]["loss"], "val_loss_before": round(run["val_before"], 6),
+            "val_loss_after": round(val_after, 6), "steps": run["step"], "train_tokens": run["tokens"],
+            "tokens_per_s": round(run["tokens"] / runtime, 1), "runtime_s": round(runtime, 2),
             "peak_memory_mb": peak_memory_mb(), **step_report, "gradient_checkpointing": p.gradient_checkpointing,
-            "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
+            "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
+            "resumed_from_step": resumed_from}
 
 
 def save_adapter(model, folder) -> None:

@@ -43,8 +43,14 @@ PEFT format (adapter_config.json + adapter_model.safetensors, fp32), loaded by
 xtuner's vis_data/scalars.json); metrics: train_loss_final, val_loss_before/after (base, and base
 + adapter, on --val), steps, train_tokens, tokens_per_s and runtime_s (over xtuner's iterations),
 runtime_total_s (all of xtuner.tools.train: model load, data prep, checkpoints), peak_memory_mb,
-trainable_params. Xtuner's checkpoints, logs and config dump stay in the work dir (earlier runs'
-are removed first: every run trains from scratch).
+trainable_params. Xtuner's checkpoints, logs and config dump stay in the work dir.
+
+Resume: mmengine's CheckpointHook saves every train.save_every steps (else once an epoch). With
+train.resume auto, a rerun whose params and data match <work-dir>/inputs/fingerprint.json
+(stages/checkpoints.py) and whose last_checkpoint is before the last step keeps the work dir and
+sets the config's `resume = True`: mmengine reloads the weights, optimizer, schedulers and
+iteration and skips the batches already trained. Otherwise the earlier run's files are removed
+and training starts from scratch (saying why, when there was a checkpoint).
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import shims
+from stages import checkpoints, shims
 from stages.chat_template import TemplateError, stop_token_ids, tokenize_conversation
 from stages.common import (StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
@@ -69,6 +75,8 @@ from stages.train import TrainParams, peak_memory_mb, write_loss_curve
 # resolved copy of the config to <work-dir>/<config name>, which must not overwrite ours.
 INPUTS = "inputs"
 CONFIG_NAME = "xtuner_config.py"
+FINGERPRINT = "fingerprint.json"  # what the run in the work dir is made from (stages/checkpoints.py)
+LOG_DIR = re.compile(r"\d{8}_\d{6}")  # mmengine's per-launch log folder
 ROLES = {"system", "user", "assistant"}
 
 
@@ -180,7 +188,8 @@ def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
 
 
 def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
-                  plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False) -> str:
+                  plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False,
+                  resume: bool = False) -> str:
     """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
     r = repr
     spe = plan["steps_per_epoch"]
@@ -332,7 +341,9 @@ default_hooks = dict(
     timer=dict(type=IterTimerHook),
     logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
     param_scheduler=dict(type=ParamSchedulerHook),
-    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval={spe}, max_keep_ckpts=2, save_last=True),
+    # every train.save_every steps (else once an epoch); the last one is what the adapter is made from
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval={p.save_every or spe}, max_keep_ckpts=2,
+                    save_last=True),
     sampler_seed=dict(type=DistSamplerSeedHook),
 )
 
@@ -346,7 +357,8 @@ env_cfg = dict(
 visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])
 log_level = "INFO"
 load_from = None
-resume = False
+# True when tunepipe continues a killed run (train.resume auto): mmengine loads <work_dir>/last_checkpoint
+resume = {resume}
 randomness = dict(seed=seed, deterministic=False)
 # window_size=1: every logged loss is that step's loss, not a running mean
 log_processor = dict(by_epoch=False, window_size=1, num_digits=6)
@@ -356,12 +368,32 @@ log_processor = dict(by_epoch=False, window_size=1, num_digits=6)
 # ----------------------------------------------------------------------------------------------
 # running xtuner's tools
 # ----------------------------------------------------------------------------------------------
+def resumable(work: Path, made_from: dict, mode: str, total_steps: int) -> tuple[bool, str]:
+    """(whether xtuner can continue the run in work from its last_checkpoint, with mmengine's own
+    resume; a one-line reason when there is a checkpoint it cannot continue from). A checkpoint
+    at the last step is a finished run's: a rerun trains afresh."""
+    pointer = work / "last_checkpoint"  # mmengine writes it once the .pth it names is complete
+    checkpoint = work / Path(pointer.read_text(encoding="utf-8").strip()).name if pointer.is_file() else None
+    if checkpoint is None or not checkpoint.is_file():
+        return False, ""
+    if mode == "never":
+        return False, f"train.resume is never: {checkpoint} ignored"
+    reached = re.fullmatch(r"iter_(\d+)\.pth", checkpoint.name)
+    if reached and int(reached.group(1)) >= total_steps:
+        return False, ""
+    try:
+        why = checkpoints.mismatch(json.loads((work / INPUTS / FINGERPRINT).read_text(encoding="utf-8")), made_from)
+    except (OSError, ValueError, KeyError) as e:
+        why = f"{work / INPUTS / FINGERPRINT} unreadable ({e})"
+    return why is None, why or ""
+
+
 def clear_previous_run(work: Path) -> None:
-    """The stage trains from scratch every time: remove what an earlier run left in the work dir
-    (xtuner's checkpoints, log dirs, config dump, inputs), and only that."""
+    """A fresh run: remove what an earlier run left in the work dir (xtuner's checkpoints, log
+    dirs, config dump, inputs), and only that."""
     work.mkdir(parents=True, exist_ok=True)
     for item in work.iterdir():
-        if item.is_dir() and (item.name == INPUTS or re.fullmatch(r"\d{8}_\d{6}", item.name)):
+        if item.is_dir() and (item.name == INPUTS or LOG_DIR.fullmatch(item.name)):
             shutil.rmtree(item)
         elif item.is_file() and (re.fullmatch(r"iter_\d+\.pth|epoch_\d+\.pth", item.name)
                                  or item.name in ("last_checkpoint", CONFIG_NAME)):
@@ -381,20 +413,23 @@ def run_tool(module: str, args: list[str]) -> None:
         sys.argv = saved
 
 
-def read_scalars(log_dir: Path) -> list[tuple[int, float, float]]:
-    """(step, loss, seconds) per iteration, from mmengine's LocalVisBackend."""
-    path = log_dir / "vis_data" / "scalars.json"
-    if not path.is_file():
-        raise StageError(f"{path}: xtuner wrote no scalars (see its log in {log_dir})")
+def read_scalars(log_dirs: list[Path]) -> list[tuple[int, float, float]]:
+    """(step, loss, seconds) per iteration, from mmengine's LocalVisBackend, over the log dirs of
+    a run and its resumptions, oldest first: a step logged again after a resume (it came after
+    the checkpoint the killed run had reached) takes the later value."""
     points = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "loss" in row:
-                # time: the whole iteration (data, forward, backward, step, hooks before it)
-                points[int(row["step"])] = (float(row["loss"]), float(row.get("time", 0.0)))
+    for log_dir in log_dirs:
+        path = log_dir / "vis_data" / "scalars.json"
+        if not path.is_file():
+            continue  # a run killed before its first logged step
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "loss" in row:
+                    # time: the whole iteration (data, forward, backward, step, hooks before it)
+                    points[int(row["step"])] = (float(row["loss"]), float(row.get("time", 0.0)))
     if not points:
-        raise StageError(f"{path}: no loss values")
+        raise StageError(f"{log_dirs[-1] / 'vis_data/scalars.json'}: no loss values (see xtuner's log there)")
     return [(step, loss, t) for step, (loss, t) in sorted(points.items())]
 
 
@@ -473,7 +508,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # xtuner's inputs and config live in the work dir, so a user can read and rerun them
     work = a.work_dir
-    clear_previous_run(work)
+    made_from = checkpoints.fingerprint(p.model_dump(mode="json"), [a.train, a.val, a.base])
+    resume, why_not = resumable(work, made_from, p.resume, plan["total_steps"])
+    if why_not:
+        print(f"[train_xtuner] resume: {why_not}; starting over", flush=True)
+    if resume:
+        print(f"[train_xtuner] resuming from {(work / 'last_checkpoint').read_text().strip()}", flush=True)
+    else:
+        clear_previous_run(work)
+    write_json(work / INPUTS / FINGERPRINT, made_from)
     train_file = work / INPUTS / "train.jsonl"
     write_tokenized_jsonl(train_file, train_enc)
     config = work / INPUTS / CONFIG_NAME
@@ -481,20 +524,18 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(config) as tmp:
         tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
                                      map_num_proc=map_num_proc, use_amp=use_amp,
-                                     trust_remote_code=load["trust_remote_code"]), encoding="utf-8")
+                                     trust_remote_code=load["trust_remote_code"], resume=resume), encoding="utf-8")
     print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
-    before = {d.name for d in work.iterdir() if d.is_dir()}
     t0 = time.perf_counter()
     run_tool("xtuner.tools.train", [str(config), "--work-dir", str(work)])
     total_time = time.perf_counter() - t0
-    new_dirs = sorted(d for d in work.iterdir() if d.is_dir() and d.name not in before and d.name[:1].isdigit())
-    if not new_dirs or not (work / "last_checkpoint").is_file():
+    log_dirs = sorted(d for d in work.iterdir() if d.is_dir() and LOG_DIR.fullmatch(d.name))
+    if not log_dirs or not (work / "last_checkpoint").is_file():
         raise StageError(f"{work}: xtuner finished without a log dir or last_checkpoint")
-    log_dir = new_dirs[-1]
     checkpoint = Path((work / "last_checkpoint").read_text(encoding="utf-8").strip())
-    losses = read_scalars(log_dir)
+    losses = read_scalars(log_dirs)
 
     # convert: the .pth (LoRA weights + optimizer) -> PEFT adapter, safetensors, fp32
     with atomic_path(a.out, is_dir=True) as tmp_out:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -120,3 +121,18 @@ def write_records(path: Path, convs: list[list[dict]]) -> None:
         for row, messages in enumerate(convs):
             f.write(json.dumps({"id": content_id(messages), "source": {"file": "test", "row": row},
                                 "messages": messages, "meta": {}}) + "\n")
+
+
+def build_tiny_base(folder: Path, convs: list[list[dict]]) -> None:
+    """The demo base model of stages/base.py, smaller, pre-trained on a few of the conversations
+    only (so it knows the template, not the answers)."""
+    from stages.base import DemoModelParams, build_tiny_model, save_portable_tokenizer
+    from stages.common import render_chatml
+
+    texts = [render_chatml(m) for m in convs[:4]] + ["The sky is above. There are many colors."]
+    p = DemoModelParams(vocab_size=400, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, pretrain_steps=30, pretrain_batch=8)
+    model, tokenizer, _ = build_tiny_model(texts, p, seed=0, progress=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_portable_tokenizer(tokenizer, folder)
+    (folder / "manifest.json").write_text(json.dumps({"source": "demo"}))

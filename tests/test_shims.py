@@ -37,9 +37,23 @@ def run_xtuner_py(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
 # One process gathers the facts, in the order the shims are applied, each checked with only the
 # shims before it (which it needs to get that far) applied.
 FACTS_SCRIPT = r"""
-import json, sys
+import json, sys, tempfile
 from stages import shims
 facts = {}
+
+# before any shim: mmengine's own loader on a checkpoint of the kind its Runner writes
+import numpy, torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+with tempfile.NamedTemporaryFile(suffix=".pth") as f:
+    loss = HistoryBuffer()
+    loss.update(numpy.float64(1.0))
+    torch.save({"meta": {"iter": 3}, "message_hub": {"log_scalars": {"loss": loss}}}, f.name)
+    try:
+        CheckpointLoader.load_checkpoint(f.name, map_location="cpu")
+        facts["mmengine_load_checkpoint_error"] = None
+    except Exception as e:
+        facts["mmengine_load_checkpoint_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 import torch
 facts["torch_version"] = torch.__version__
@@ -51,7 +65,8 @@ facts["transformers_has_is_safetensors_available"] = hasattr(transformers.utils,
 
 import importlib.util
 facts["torchvision_installed"] = importlib.util.find_spec("torchvision") is not None
-shims.apply("xtuner", skip=("xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos"))
+shims.apply("xtuner", skip=("xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos",
+                            "mmengine_resume_loads_its_checkpoints"))
 try:
     import xtuner.dataset
     facts["import_xtuner_dataset_error"] = None
@@ -78,7 +93,8 @@ def facts() -> dict:
 
 def test_every_shim_has_a_test():
     tested = {"torch_cpu_is_bf16_supported", "transformers_is_safetensors_available",
-              "xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos"}
+              "xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos",
+              "mmengine_resume_loads_its_checkpoints"}
     assert set(shims.names("xtuner")) == tested, "a shim was added or removed: update tests/test_shims.py"
 
 
@@ -109,6 +125,13 @@ def test_still_broken_xtuner_bos_for_transformers5_qwen2_tokenizer(facts):
         f"({facts['qwen2_tokenizer_class']}): remove shims.xtuner_bos_for_tokenizers_without_bos")
 
 
+def test_still_broken_mmengine_load_checkpoint_under_torch_weights_only(facts):
+    error = facts["mmengine_load_checkpoint_error"]
+    assert error and "weights_only" in error.lower().replace(" ", "_"), (
+        f"mmengine loads its own checkpoints under torch {facts['torch_version']} again ({error}): "
+        "remove shims.mmengine_resume_loads_its_checkpoints")
+
+
 def test_shims_make_xtuner_tools_run():
     """With the shims, xtuner's tool modules import and run (here: pth_to_hf --help, through
     `python -m stages.shims`, the way a user reruns a generated config)."""
@@ -129,6 +152,12 @@ def test_shims_apply_is_idempotent_and_patches():
         "assert u.is_safetensors_available()\n"
         "class T: bos_token_id = None; eos_token_id = 2\n"
         "assert x.get_bos_eos_token_ids(T()) == ([], [2])\n"
+        "import numpy, tempfile\n"
+        "from mmengine.logging import HistoryBuffer\n"
+        "from mmengine.runner.checkpoint import CheckpointLoader\n"
+        "f = tempfile.NamedTemporaryFile(suffix='.pth')\n"
+        "hub = HistoryBuffer(); hub.update(numpy.float64(1.0)); torch.save({'hub': hub}, f.name)\n"
+        "assert CheckpointLoader.load_checkpoint(f.name, map_location='cpu')['hub'].current() == 1.0\n"
         "print('APPLIED', first, second)\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "APPLIED" in proc.stdout and proc.stdout.strip().endswith("[]"), proc.stdout

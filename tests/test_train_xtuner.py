@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import color_conversations, write_records
+from conftest import build_tiny_base, color_conversations, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 XTUNER_PY = ROOT / ".venvs" / "xtuner" / "bin" / "python"
@@ -32,21 +32,6 @@ PARAMS = {"train": {"backend": "xtuner", "seed": 7, "epochs": 3, "lr": 1.0e-2, "
                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}}
 ARGS = ["--train", "data/split/train.jsonl", "--val", "data/split/val.jsonl", "--base", "models/base",
         "--work-dir", "models/checkpoints/xtuner"]
-
-def build_base(folder: Path, convs: list[list[dict]]) -> None:
-    """The demo base model of stages/base.py, smaller, pre-trained on a few of the conversations
-    only (so it knows the template, not the answers)."""
-    from stages.base import DemoModelParams, build_tiny_model, save_portable_tokenizer
-    from stages.common import render_chatml
-
-    texts = [render_chatml(m) for m in convs[:4]] + ["The sky is above. There are many colors."]
-    p = DemoModelParams(vocab_size=400, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                        num_kv_heads=2, pretrain_steps=30, pretrain_batch=8)
-    model, tokenizer, _ = build_tiny_model(texts, p, seed=0, progress=False)
-    model.save_pretrained(folder, safe_serialization=True)
-    save_portable_tokenizer(tokenizer, folder)
-    (folder / "manifest.json").write_text(json.dumps({"source": "demo"}))
-
 
 def run_stage(folder: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
@@ -70,7 +55,7 @@ def trained(tmp_path_factory):
     convs = color_conversations()
     write_records(folder / "data/split/train.jsonl", convs[:20])
     write_records(folder / "data/split/val.jsonl", convs[20:])
-    build_base(folder / "models/base", convs)
+    build_tiny_base(folder / "models/base", convs)
     (folder / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     first = train(folder, "a")
     second = train(folder, "b")  # same work dir: the stage clears the first run's checkpoints
