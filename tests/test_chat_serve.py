@@ -30,8 +30,10 @@ from stages.chat import generate_reply, load_chat_model
 from stages.common import StageError
 
 LMDEPLOY_PY = REPO / ".venvs" / "lmdeploy" / "bin" / "python"
-needs_lmdeploy = pytest.mark.skipif(not LMDEPLOY_PY.exists(), reason=".venvs/lmdeploy is missing: run "
-                                    "TUNEPIPE_ENVS=lmdeploy ./setup.sh")
+HAS_LMDEPLOY = LMDEPLOY_PY.exists() and subprocess.run([str(LMDEPLOY_PY), "-c", "import lmdeploy"],
+                                                       capture_output=True).returncode == 0
+needs_lmdeploy = pytest.mark.skipif(not HAS_LMDEPLOY, reason=".venvs/lmdeploy is missing or cannot import lmdeploy: "
+                                    "run TUNEPIPE_ENVS=lmdeploy ./setup.sh")
 SYSTEM = "You answer briefly."
 SKY = "What color is the sky?"
 
@@ -98,10 +100,15 @@ def root(tmp_path_factory) -> Path:
         adapter.save_pretrained("models/adapter")
         tokenizer.save_pretrained("models/adapter")
     run_stage(root, "merge")
-    if LMDEPLOY_PY.exists():
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run([str(LMDEPLOY_PY), "-m", "stages.turbomind"], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=900)
+    return root
+
+
+@pytest.fixture(scope="module")
+def quantized(root) -> Path:
+    """models/turbomind, written by the turbomind stage (lmdeploy's AWQ quantizer) in .venvs/lmdeploy."""
+    if not (root / "models/turbomind").exists():
+        proc = subprocess.run([str(LMDEPLOY_PY), "-m", "stages.turbomind"], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return root
 
@@ -178,7 +185,8 @@ def test_missing_model_is_one_line_error(root, capsys):
 
 
 @needs_lmdeploy
-def test_quantized_artifact_chats_through_its_dequantized_weights(root, capsys):
+def test_quantized_artifact_chats_through_its_dequantized_weights(quantized, capsys):
+    root = quantized
     out, _ = chat(root, capsys, "models/turbomind", "-p", SKY, "--max-new-tokens", "40")
     with inside(root):
         cm = load_chat_model("models/turbomind")
@@ -203,10 +211,13 @@ def server_processes(port: int) -> list[int]:
 
 
 @pytest.mark.parametrize("folder", ["merged", "adapter", pytest.param("turbomind", marks=needs_lmdeploy)])
-def test_served_answers_equal_chat(root, capsys, folder):
+def test_served_answers_equal_chat(root, capsys, folder, request):
     from openai import OpenAI
 
     from stages.serve import served
+
+    if folder == "turbomind":
+        request.getfixturevalue("quantized")
 
     expected, _ = chat(root, capsys, f"models/{folder}", "-p", SKY, "--max-new-tokens", "40")
     with inside(root):
@@ -243,12 +254,13 @@ def test_cpu_machine_picks_transformers_and_refuses_lmdeploy(root):
 
 
 @needs_lmdeploy
-def test_lmdeploy_command_parses_with_lmdeploys_own_cli(root):
+def test_lmdeploy_command_parses_with_lmdeploys_own_cli(quantized):
     """The command the GPU branch would run, parsed by lmdeploy 0.18's own argument parser in
     .venvs/lmdeploy (CPU only: the server itself is not started here), and the chat template
     lmdeploy picks for the artifact renders the prompt `tunepipe chat` renders."""
     from stages.serve import lmdeploy_command
 
+    root = quantized
     folder = root / "models/turbomind"
     command = lmdeploy_command(str(LMDEPLOY_PY), folder, "turbomind", "127.0.0.1", 23333)
     assert command == [str(LMDEPLOY_PY), "-m", "lmdeploy", "serve", "api_server", str(folder), "--backend", "pytorch",
