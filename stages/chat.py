@@ -176,7 +176,8 @@ def generate_reply(cm: ChatModel, messages: list[dict], max_new_tokens: int = 25
 
 # --- the front door (stages/cli.py parses the arguments) ------------------------------------------
 
-def run_chat(args, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_chat(args, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     cm = load_chat_model(args.model, args.base, args.device, args.dtype)
     history = [{"role": "system", "content": args.system}] if args.system else []
 

@@ -35,7 +35,9 @@ HAS_LMDEPLOY = LMDEPLOY_PY.exists() and subprocess.run([str(LMDEPLOY_PY), "-c", 
 needs_lmdeploy = pytest.mark.skipif(not HAS_LMDEPLOY, reason=".venvs/lmdeploy is missing or cannot import lmdeploy: "
                                     "run TUNEPIPE_ENVS=lmdeploy ./setup.sh")
 SYSTEM = "You answer briefly."
-SKY = "What color is the sky?"
+SKY = "What color is the sky?"                     # trained with SYSTEM only (color_conversations)
+SKY_MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SKY}]
+ASK_SKY = ("--system", SYSTEM, "-p", SKY)
 
 
 def teach(model, tokenizer, conversations: list[list[dict]], lr: float, max_steps: int = 600) -> int:
@@ -130,16 +132,16 @@ def chat(root: Path, capsys, *args: str, stdin: str | None = None) -> tuple[str,
 # --- chat ---------------------------------------------------------------------------------------
 
 def test_one_shot_greedy_answer(root, capsys):
-    out, _ = chat(root, capsys, "models/merged", "-p", SKY)
-    assert out == "The sky is blue.\n"
+    out, _ = chat(root, capsys, "models/merged", "-p", "What color is the grass?")
+    assert out == "The grass is yellow.\n"
 
 
 def test_system_message_reaches_the_prompt(root, capsys):
-    out, err = chat(root, capsys, "models/merged", "--system", SYSTEM, "--show-prompt", "-p", SKY)
+    out, err = chat(root, capsys, "models/merged", "--show-prompt", *ASK_SKY)
     assert out == "The sky is blue.\n"
     assert f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{SKY}<|im_end|>\n<|im_start|>assistant\n" in err
-    _, err = chat(root, capsys, "models/merged", "--show-prompt", "-p", SKY)
-    assert "<|im_start|>system" not in err
+    without, err = chat(root, capsys, "models/merged", "--show-prompt", "-p", SKY)
+    assert "<|im_start|>system" not in err and without != out   # the sky was only taught with the system message
 
 
 def test_multi_turn_keeps_the_history(root, capsys):
@@ -157,24 +159,23 @@ def test_stops_at_the_stop_token_from_generation_config(root):
         cm = load_chat_model("models/merged")
     im_end = cm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert cm.stop_ids == [im_end] != [cm.model.config.eos_token_id]
-    messages = [{"role": "user", "content": SKY}]
-    reply = generate_reply(cm, messages, max_new_tokens=40)
+    reply = generate_reply(cm, SKY_MESSAGES, max_new_tokens=40)
     answer_tokens = len(cm.tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"])
     assert (reply.text, reply.tokens, reply.finish) == ("The sky is blue.", answer_tokens + 1, "stop")
     cm.stop_ids = [cm.model.config.eos_token_id]       # what ignoring generation_config.json would stop at
-    ignored = generate_reply(cm, messages, max_new_tokens=40)
+    ignored = generate_reply(cm, SKY_MESSAGES, max_new_tokens=40)
     assert ignored.tokens > answer_tokens + 1 and ignored.text != reply.text
 
 
 def test_adapter_on_its_base_answers_as_the_merged_model(root, capsys):
-    merged, _ = chat(root, capsys, "models/merged", "-p", SKY)
-    from_config, err = chat(root, capsys, "models/adapter", "-p", SKY, "--show-prompt")  # base: adapter_config.json
-    given, _ = chat(root, capsys, "models/adapter", "--base", "models/base", "-p", SKY)
+    merged, _ = chat(root, capsys, "models/merged", *ASK_SKY)
+    from_config, _ = chat(root, capsys, "models/adapter", *ASK_SKY)   # base: adapter_config.json's models/base
+    given, _ = chat(root, capsys, "models/adapter", "--base", "models/base", *ASK_SKY)
     assert merged == from_config == given == "The sky is blue.\n"
     with inside(root):
         base = load_chat_model("models/base")
     base.stop_ids = [base.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    assert generate_reply(base, [{"role": "user", "content": SKY}]).text == "The sky is red."  # the adapter matters
+    assert generate_reply(base, SKY_MESSAGES).text == "The sky is red."  # the adapter matters
 
 
 def test_missing_model_is_one_line_error(root, capsys):
@@ -187,11 +188,11 @@ def test_missing_model_is_one_line_error(root, capsys):
 @needs_lmdeploy
 def test_quantized_artifact_chats_through_its_dequantized_weights(quantized, capsys):
     root = quantized
-    out, _ = chat(root, capsys, "models/turbomind", "-p", SKY, "--max-new-tokens", "40")
+    out, _ = chat(root, capsys, "models/turbomind", *ASK_SKY, "--max-new-tokens", "40")
     with inside(root):
         cm = load_chat_model("models/turbomind")
     assert cm.kind == "awq" and "dequantized" in cm.source
-    assert out == generate_reply(cm, [{"role": "user", "content": SKY}], max_new_tokens=40).text + "\n"
+    assert out == generate_reply(cm, SKY_MESSAGES, max_new_tokens=40).text + "\n"
 
 
 # --- serve --------------------------------------------------------------------------------------
@@ -219,16 +220,16 @@ def test_served_answers_equal_chat(root, capsys, folder, request):
     if folder == "turbomind":
         request.getfixturevalue("quantized")
 
-    expected, _ = chat(root, capsys, f"models/{folder}", "-p", SKY, "--max-new-tokens", "40")
+    expected, _ = chat(root, capsys, f"models/{folder}", *ASK_SKY, "--max-new-tokens", "40")
     with inside(root):
         cm = load_chat_model(f"models/{folder}")
-    tokens = generate_reply(cm, [{"role": "user", "content": SKY}], max_new_tokens=40).tokens
-    with served(root / "models" / folder, backend="transformers") as url:
+    tokens = generate_reply(cm, SKY_MESSAGES, max_new_tokens=40).tokens
+    with inside(root), served(Path("models") / folder, backend="transformers") as url:  # the adapter's base: models/base
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         assert server_processes(port)
         client = OpenAI(base_url=url, api_key="EMPTY")
         assert [m.id for m in client.models.list().data] == [folder]
-        request = dict(model=folder, messages=[{"role": "user", "content": SKY}], temperature=0, max_tokens=40)
+        request = dict(model=folder, messages=SKY_MESSAGES, temperature=0, max_tokens=40)
         response = client.chat.completions.create(**request)
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
                            client.chat.completions.create(**request, stream=True) if chunk.choices)
