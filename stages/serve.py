@@ -245,6 +245,7 @@ def run_serve(args) -> int:
     print(f"[serve] {plan.backend}: {' '.join(plan.command)}\n[serve] model {plan.name!r} at "
           f"http://{args.host}:{args.port}/v1 (GET /models, POST /chat/completions)", file=sys.stderr, flush=True)
     proc = subprocess.Popen(plan.command, cwd=plan.cwd, env=plan.env, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # `kill` stops the server too (finally below)
     try:
         return proc.wait()
     except KeyboardInterrupt:
