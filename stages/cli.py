@@ -1,5 +1,11 @@
 """tunepipe: the project's command line (installed by pyproject as `tunepipe`).
 
+  tunepipe chat MODEL [--base BASE] [--system TEXT] [-p QUESTION] [--temperature T] [--max-new-tokens N]
+  tunepipe serve MODEL [--host 127.0.0.1] [--port 8000] [--backend auto|lmdeploy|transformers]
+
+`chat` and `serve` are front doors onto stages/chat.py and stages/serve.py (their docstrings say
+which folders they take and how). The rest of this page is `inspect`:
+
   tunepipe inspect FILE... [--json] [--format F] [--sheet S] [--encoding E] [--question COL] [--answer COL]
                            [-S section.key=value ...] [--params params.yaml] [--judge]
 
@@ -142,11 +148,59 @@ def print_report(r: dict) -> None:
         print(f"    {r['unit']} {s['row']}: {short(body)}")
 
 
+def add_chat_parser(sub) -> None:
+    from stages import chat
+
+    p = sub.add_parser("chat", help="talk to a model folder (merged, adapter + base, turbomind)",
+                       description=chat.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="models/merged, models/adapter, models/turbomind, ...")
+    p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--system", help="system message at the start of the conversation")
+    p.add_argument("-p", "--prompt", help="ask one question, print the answer, exit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, ...")
+    p.add_argument("--show-prompt", action="store_true", help="print each rendered prompt to stderr")
+
+
+def add_serve_parser(sub) -> None:
+    from stages import serve
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for a model folder",
+                       description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="models/turbomind, models/merged, models/adapter, ...")
+    p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("auto", "lmdeploy", "transformers"), default="auto",
+                   help="auto: lmdeploy where CUDA and lmdeploy are there, else transformers")
+    p.add_argument("--model-name", help="the name requests use (default: the folder's name)")
+
+
+def run_model_command(args) -> None:
+    """chat / serve: a StageError is one line on stderr and exit status 1."""
+    try:
+        if args.command == "chat":
+            from stages.chat import run_chat
+
+            status = run_chat(args)
+        else:
+            from stages.serve import run_serve
+
+            status = run_serve(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if status:
+        sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="look at data files before the pipeline reads them",
-                         description=__doc__.split("\n\n")[1])
+                         description=__doc__.split("\n\n")[3])
     ins.add_argument("files", nargs="+", metavar="FILE")
     ins.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
     ins.add_argument("--params", type=Path, default=None, help="params file (default ./params.yaml if present)")
@@ -159,7 +213,12 @@ def main(argv: list[str] | None = None) -> None:
                      help="override a param, e.g. -S clean.near_duplicates.threshold=0.9")
     ins.add_argument("--judge", action="store_true", help="run the LLM judge if clean.judge.enabled")
     ins.add_argument("--judge-cache", default="data/judge/cache.jsonl")
+    add_chat_parser(sub)
+    add_serve_parser(sub)
     args = ap.parse_args(argv)
+    if args.command in ("chat", "serve"):
+        run_model_command(args)
+        return
 
     try:
         ingest, clean_section = load_sections(args.params, args.overrides)

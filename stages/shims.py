@@ -170,6 +170,40 @@ def mmengine_resume_loads_its_checkpoints() -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------
+# transformers 5.23's own OpenAI-compatible server (`transformers serve`) in .venvs/core, run by
+# `tunepipe serve` (stages/serve.py) through `python -m stages.shims --env serve ...`.
+# ---------------------------------------------------------------------------------------------
+
+@shim("serve")
+def transformers_serve_lists_its_pinned_model() -> bool:
+    """What broke: `transformers serve MODEL` (transformers 5.23) pins the server to MODEL (requests
+    naming another model get 400), but GET /v1/models answers from the static
+    `ModelManager.get_gen_models`, which lists the models in the Hugging Face hub cache only
+    (huggingface_hub.scan_cache_dir). A server pinned to a local folder does not list it (and with
+    no hub cache the endpoint fails), so an OpenAI client that picks its model from /v1/models finds
+    nothing to ask. Patched: a pinned server lists its model, the only one it answers for; an
+    unpinned one lists the cache as before."""
+    import inspect
+    import os
+
+    from transformers.cli.serving.model_manager import ModelManager
+
+    if not isinstance(inspect.getattr_static(ModelManager, "get_gen_models"), staticmethod):
+        return False  # patched already, or upstream changed it (tests/test_shims.py says which)
+    original = ModelManager.get_gen_models
+
+    def get_gen_models(self, cache_dir: str | None = None) -> list[dict]:
+        if self.force_model is None:
+            return original(cache_dir)
+        created = int(os.path.getmtime(self.force_model)) if os.path.exists(self.force_model) else 0
+        return [{"id": self.force_model, "object": "model", "created": created, "owned_by": "local"}]
+
+    get_gen_models._tunepipe_original = original
+    ModelManager.get_gen_models = get_gen_models
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m stages.shims [--env ENV] MODULE [ARGS...]`: apply ENV's shims, then run MODULE
     as `__main__` with ARGS, as `python -m MODULE ARGS...` would."""

@@ -3,8 +3,8 @@ assert that the breakage is still there, in the environment the shim is for: whe
 upstream was fixed (or the env changed), and the shim and its test should be removed.
 The last tests check that the shims do make the tools work.
 
-They run in .venvs/xtuner (./setup.sh, or TUNEPIPE_ENVS=xtuner ./setup.sh), through subprocesses,
-whichever env runs pytest.
+The xtuner shims' tests run in .venvs/xtuner (./setup.sh, or TUNEPIPE_ENVS=xtuner ./setup.sh), through
+subprocesses, whichever env runs pytest; the serve shims' tests run in this process (.venvs/core).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 XTUNER_PY = ROOT / ".venvs" / "xtuner" / "bin" / "python"
 
-pytestmark = pytest.mark.skipif(
+needs_xtuner = pytest.mark.skipif(
     not XTUNER_PY.exists(),
     reason=f"{XTUNER_PY.relative_to(ROOT)} missing: build it with `TUNEPIPE_ENVS=xtuner ./setup.sh`",
 )
@@ -96,20 +96,25 @@ def test_every_shim_has_a_test():
               "xtuner_internvl_without_torchvision", "xtuner_bos_for_tokenizers_without_bos",
               "mmengine_resume_loads_its_checkpoints"}
     assert set(shims.names("xtuner")) == tested, "a shim was added or removed: update tests/test_shims.py"
+    assert set(shims.names("serve")) == {"transformers_serve_lists_its_pinned_model"}, (
+        "a serve shim was added or removed: update tests/test_shims.py")
 
 
+@needs_xtuner
 def test_still_broken_torch_cpu_is_bf16_supported(facts):
     assert not facts["torch_cpu_has_is_bf16_supported"], (
         f"torch {facts['torch_version']} now has torch.cpu.is_bf16_supported: "
         "remove shims.torch_cpu_is_bf16_supported")
 
 
+@needs_xtuner
 def test_still_broken_transformers_is_safetensors_available(facts):
     assert not facts["transformers_has_is_safetensors_available"], (
         f"transformers {facts['transformers_version']} has utils.is_safetensors_available again: "
         "remove shims.transformers_is_safetensors_available")
 
 
+@needs_xtuner
 def test_still_broken_xtuner_needs_torchvision(facts):
     error = facts["import_xtuner_dataset_error"]
     assert not facts["torchvision_installed"] and error and "torchvision" in error, (
@@ -118,6 +123,7 @@ def test_still_broken_xtuner_needs_torchvision(facts):
         "remove shims.xtuner_internvl_without_torchvision")
 
 
+@needs_xtuner
 def test_still_broken_xtuner_bos_for_transformers5_qwen2_tokenizer(facts):
     assert facts["qwen2_tokenizer_class"] not in ("QWenTokenizer", "QWen2Tokenizer", "Qwen2TokenizerFast")
     assert facts["xtuner_bos_for_qwen2_without_bos"] is None, (
@@ -132,6 +138,7 @@ def test_still_broken_mmengine_load_checkpoint_under_torch_weights_only(facts):
         "remove shims.mmengine_resume_loads_its_checkpoints")
 
 
+@needs_xtuner
 def test_shims_make_xtuner_tools_run():
     """With the shims, xtuner's tool modules import and run (here: pth_to_hf --help, through
     `python -m stages.shims`, the way a user reruns a generated config)."""
@@ -143,6 +150,7 @@ def test_shims_make_xtuner_tools_run():
     assert "Convert the pth model to HuggingFace model" in proc.stdout
 
 
+@needs_xtuner
 def test_shims_apply_is_idempotent_and_patches():
     proc = run_xtuner_py(
         "from stages import shims\n"
@@ -161,3 +169,37 @@ def test_shims_apply_is_idempotent_and_patches():
         "print('APPLIED', first, second)\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "APPLIED" in proc.stdout and proc.stdout.strip().endswith("[]"), proc.stdout
+
+
+# --- serve (transformers serve in .venvs/core; `tunepipe serve` applies these) --------------------
+
+@pytest.fixture(scope="module")
+def pinned_manager(tmp_path_factory):
+    """transformers serve's ModelManager pinned to a local model folder (a tiny Qwen2), with an
+    empty hub cache."""
+    from families import FAMILIES, write_family_model
+    from transformers.cli.serving.model_manager import ModelManager
+
+    folder = write_family_model(FAMILIES["qwen2.5"], tmp_path_factory.mktemp("serve_shim") / "local_model")
+    return ModelManager(device="cpu", force_model=str(folder))
+
+
+def test_still_broken_transformers_serve_lists_only_the_hub_cache(pinned_manager, tmp_path, monkeypatch):
+    from transformers.cli.serving.model_manager import ModelManager
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))   # an empty cache, wherever the machine's is
+    get_gen_models = getattr(ModelManager.get_gen_models, "_tunepipe_original", ModelManager.get_gen_models)
+    get_gen_models.cache_clear()
+    try:
+        listed = [m["id"] for m in get_gen_models(str(tmp_path))]
+    except Exception as e:  # huggingface_hub's CacheNotFound: no cache at all
+        listed = [repr(e)]
+    assert pinned_manager.force_model not in listed, (
+        "transformers serve now lists the local model it is pinned to: "
+        "remove shims.transformers_serve_lists_its_pinned_model")
+
+
+def test_serve_shim_lists_the_pinned_model(pinned_manager):
+    shims.apply("serve")
+    assert shims.apply("serve") == []                    # idempotent
+    assert [m["id"] for m in pinned_manager.get_gen_models()] == [pinned_manager.force_model]
