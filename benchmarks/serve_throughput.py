@@ -11,12 +11,15 @@ tokens per second of wall time over all prompts, the server receiving them all a
 """
 from __future__ import annotations
 
-import argparse, csv, json, os, signal, subprocess, sys, time, urllib.request  # noqa: E401
+import argparse, csv, json, os, subprocess, sys, time, urllib.request  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from stages.serve import served  # noqa: E402
+
+MODEL_NAME = "tunepipe"
 
 
 def prompts_of(split_file: Path, n: int) -> list[list[dict]]:
@@ -31,38 +34,9 @@ def post(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(resp.read())
 
 
-def wait_ready(base: str, proc: subprocess.Popen, limit_s: float) -> float:
-    start = time.time()
-    while time.time() - start < limit_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"api_server exited {proc.returncode} before answering; see its log")
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.time() - start
-        except OSError:
-            time.sleep(2)
-    raise SystemExit(f"api_server did not answer {base}/v1/models within {limit_s} s")
-
-
-def lmdeploy_server(artifact: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
-    """`lmdeploy serve api_server` on the AWQ artifact with the PyTorch engine (TurboMind's extension
-    needs CUDA 12 libraries); the chat template the turbomind stage wrote when there is one."""
-    from stages.eval import find_awq_dir
-    awq = find_awq_dir(artifact)
-    cmd = [sys.executable, "-m", "lmdeploy", "serve", "api_server", str(awq), "--backend", "pytorch",
-           "--model-format", "awq", "--server-name", "127.0.0.1", "--server-port", str(port),
-           "--model-name", "tunepipe", "--max-batch-size", str(max_batch)]
-    template = next(iter(sorted(artifact.rglob("lmdeploy_chat_template.json"))), None)
-    if template:
-        cmd += ["--chat-template", str(template)]
-    print("serve:", " ".join(cmd), flush=True)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def server_throughput(base: str, prompts: list, max_new: int) -> dict:
     def one(messages):
-        out = post(f"{base}/v1/chat/completions", {"model": "tunepipe", "messages": messages, "max_tokens": max_new,
+        out = post(f"{base}/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": max_new,
                                                   "temperature": 0, "ignore_eos": True})
         return out["usage"]["completion_tokens"]
     one(prompts[0])  # warm-up
@@ -75,8 +49,8 @@ def server_throughput(base: str, prompts: list, max_new: int) -> dict:
 
 
 def streamed_chunks(base: str, messages: list, max_new: int) -> int:
-    req = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(
-        {"model": "tunepipe", "messages": messages, "max_tokens": max_new, "temperature": 0, "stream": True,
+    req = urllib.request.Request(f"{base}/chat/completions", json.dumps(
+        {"model": MODEL_NAME, "messages": messages, "max_tokens": max_new, "temperature": 0, "stream": True,
          "ignore_eos": True}).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return sum(1 for line in resp if line.startswith(b"data: {"))
@@ -93,7 +67,7 @@ datasets = [dict(
                         max_out_len={max_new})),
     eval_cfg=dict(evaluator=dict(type='opencompass.openicl.icl_evaluator.RougeEvaluator')))]
 models = [dict(
-    type='opencompass.models.OpenAISDK', abbr='turbomind_w4a16_served', path='tunepipe', key='EMPTY',
+    type='opencompass.models.OpenAISDK', abbr='turbomind_w4a16_served', path={name!r}, key='EMPTY',
     openai_api_base={api!r}, tokenizer_path={tokenizer!r}, temperature=0.0, query_per_second=64, max_workers=64,
     meta_template=dict(round=[dict(role='HUMAN', api_role='HUMAN'), dict(role='BOT', api_role='BOT', generate=True)],
                        reserved_roles=[dict(role='SYSTEM', api_role='SYSTEM')]),
@@ -109,7 +83,7 @@ def opencompass_through_api(base: str, test_file: Path, tokenizer: Path, work: P
     data.write_text("".join(json.dumps({"messages": r["messages"], "answer": r["messages"][-1]["content"]},
                                        ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     cfg = work / "oc_api.py"
-    cfg.write_text(OC_CONFIG.format(data=str(data), max_new=max_new, api=f"{base}/v1/", tokenizer=str(tokenizer),
+    cfg.write_text(OC_CONFIG.format(data=str(data), max_new=max_new, api=f"{base}/", name=MODEL_NAME, tokenizer=str(tokenizer),
                                     work=str(work / "outputs")))
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "opencompass.cli.main", str(cfg)], cwd=work,
@@ -167,12 +141,12 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 (recorded, the server part may still run)
         result["gpu"] = f"unknown ({e})"
     save = lambda: a.out.write_text(json.dumps(result, indent=1))  # noqa: E731
-    base = f"http://127.0.0.1:{a.port}"
     if "server" not in skip:
-        log = a.out.with_suffix(".server.log")
-        proc = lmdeploy_server(a.model_dir / "models/turbomind", a.port, a.prompts, log)
-        try:
-            result["server_startup_s"] = round(wait_ready(base, proc, 400), 1)
+        # `tunepipe serve`'s own path: lmdeploy's PyTorch engine on the AWQ artifact where CUDA and
+        # lmdeploy are there (stages/serve.py), waited for until /v1/models lists the model
+        start = time.time()
+        with served(a.model_dir / "models/turbomind", backend="lmdeploy", port=a.port, model_name=MODEL_NAME) as base:
+            result["server_startup_s"] = round(time.time() - start, 1)
             result["stream_chunks"] = streamed_chunks(base, prompts[0], 16)
             result["lmdeploy_pytorch_awq"] = server_throughput(base, prompts, a.max_new_tokens)
             print("lmdeploy:", result["lmdeploy_pytorch_awq"], flush=True)
@@ -183,9 +157,6 @@ def main() -> None:
                     a.out.parent / "oc_api_work", 64)
                 print("opencompass:", result["opencompass_through_api"], flush=True)
                 save()
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
     if "transformers" not in skip:
         result["transformers_generate_bf16"] = transformers_throughput(
             a.model_dir / "models/merged", prompts, a.max_new_tokens, a.hf_batch)
