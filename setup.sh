@@ -15,12 +15,15 @@
 # GPU machine: TUNEPIPE_TORCH=envs/torch-gpu.txt ./setup.sh   (a CUDA build of torch instead)
 #   There are no GPU locks (this CPU machine cannot resolve and test a CUDA stack), so this path
 #   falls back to pip from the top-level pins in envs/*.txt: transitive packages float there.
+#   TUNEPIPE_INSTALLER=pip ./setup.sh takes that pip path on a CPU machine too.
 # Only some environments: TUNEPIPE_ENVS="core xtuner" ./setup.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_PINS=${TUNEPIPE_TORCH:-envs/torch-cpu.txt}
 ENVS=${TUNEPIPE_ENVS:-core xtuner lmdeploy opencompass}
+USE_LOCKS=0
+[ "$TORCH_PINS" = envs/torch-cpu.txt ] && [ "${TUNEPIPE_INSTALLER:-uv}" != pip ] && USE_LOCKS=1
 
 quiet_pip() {  # pip with the local mirror's "Location ... is ignored" noise filtered out
   "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -41,7 +44,7 @@ bootstrap_uv() {  # uv itself, pinned in envs/uv.txt, in a small venv of its own
 
 env_inputs() {  # the files an environment is built from, on this path
   local name=$1
-  if [ "$TORCH_PINS" = envs/torch-cpu.txt ]; then
+  if [ "$USE_LOCKS" = 1 ]; then
     echo "envs/locks/$name.txt"
     [ -f "envs/locks/$name-nodeps.txt" ] && echo "envs/locks/$name-nodeps.txt"
   else
@@ -74,7 +77,7 @@ make_env() {
   if [ -f "$stamp" ]; then echo "[setup] $name: up to date"; return; fi
   echo "[setup] $name: installing (${files[*]})"
   [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-  if [ "$TORCH_PINS" = envs/torch-cpu.txt ]; then
+  if [ "$USE_LOCKS" = 1 ]; then
     install_from_locks "$venv" "${files[@]}"
     # the project itself, editable, without deps (its deps are the lock above)
     if [ "$name" = core ]; then "$UV" pip install -q --python "$venv/bin/python" --no-deps -e .; fi
@@ -87,7 +90,7 @@ make_env() {
 }
 
 mkdir -p .venvs
-if [ "$TORCH_PINS" = envs/torch-cpu.txt ]; then
+if [ "$USE_LOCKS" = 1 ]; then
   bootstrap_uv
   source envs/uv-env.sh
 fi
