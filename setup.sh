@@ -73,6 +73,10 @@ make_env() {
   local name=$1 venv=.venvs/$1
   local files
   mapfile -t files < <(env_inputs "$name" | tr ' ' '\n')
+  if [ "$USE_LOCKS" = 1 ] && ! sha256sum --quiet -c "envs/locks/$name.sha256" >/dev/null 2>&1; then
+    echo "[setup] $name: envs/locks/$name.txt is older than its pins in envs/: run bash envs/lock.sh $name" >&2
+    exit 1
+  fi
   local stamp="$venv/.tunepipe-$(cat "${files[@]}" pyproject.toml | sha256sum | cut -c1-16)"
   if [ -f "$stamp" ]; then echo "[setup] $name: up to date"; return; fi
   echo "[setup] $name: installing (${files[*]})"

@@ -7,7 +7,8 @@
 # Run it after changing any envs/*.txt pin and commit the locks with the pins. A package the pins
 # do not fix keeps the version already in the lock (uv's preference for the output file), so a
 # relock changes only what the new pins force; TUNEPIPE_LOCK_UPGRADE=1 re-resolves everything to
-# the newest versions the pins allow.
+# the newest versions the pins allow. envs/locks/<env>.sha256 records the pin files a lock was
+# made from: setup.sh refuses a lock whose pin files have changed since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=${UV:-.venvs/uv/bin/uv}
@@ -32,7 +33,10 @@ for env in $ENVS; do
   if grep -qiE '^(nvidia-|triton==)' "envs/locks/$env.txt"; then
     echo "[lock] $env: a CUDA package got into the lock" >&2; exit 1
   fi
+  inputs=(envs/torch-cpu.txt "envs/$env.txt")
   if [ -f "envs/$env-nodeps.txt" ]; then
     compile "envs/locks/$env-nodeps.txt" --no-deps "envs/$env-nodeps.txt"
+    inputs+=("envs/$env-nodeps.txt")
   fi
+  sha256sum "${inputs[@]}" > "envs/locks/$env.sha256"
 done
