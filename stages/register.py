@@ -149,7 +149,7 @@ def register_once(args, p: RegisterParams, tracking_uri: str, facts: dict) -> di
     if version is None:
         champion = current_champion(client, p.model_name, p.champion_alias)
         passed, outcomes = decide(facts["scores"], tag_scores(champion.tags) if champion else None, p.gate)
-        before = champion.version if champion else None
+        before = str(champion.version) if champion else None
         gate = gate_tags(passed, outcomes, before)
         mlflow.set_experiment(p.experiment)
         version = log_and_register(mlflow, args, p, facts, gate)

@@ -95,8 +95,8 @@ def test_two_experiments_the_worse_is_refused_champion_and_cannot_be_uploaded(pi
     assert "main_metric fail: demo_qa rougeL 75 < champion 77.96" in line
     assert (worse["version"], worse["gate"], worse["champion"]) == (2, "fail", 1)
     client = MlflowClient()
-    assert client.get_model_version_by_alias("tunepipe-demo", "champion").version == "1"
-    assert client.get_model_version_by_alias("tunepipe-demo", "candidate").version == "2"
+    assert int(client.get_model_version_by_alias("tunepipe-demo", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("tunepipe-demo", "candidate").version) == 2
     tags = client.get_model_version("tunepipe-demo", "2").tags
     assert tags["gate.decision"] == "fail" and tags["gate.champion_before"] == "1"
     assert re.fullmatch(r"fail: largest drop 2\.96 \(demo_qa\.merged\.rouge[1L]\) > 1", tags["gate.max_drop"])

@@ -256,8 +256,6 @@ def test_log_weights_merged_registers_and_uploads_the_merged_files(pipeline, wor
 
 
 def test_upload_refuses_an_unregistered_version(shared):
-    record = json.loads((shared / "registry/record.json").read_text())
-    (shared / "registry/record99.json").write_text(json.dumps({**record, "version": 99, "model_uri": "models:/tunepipe-demo/99"}))
-    with pytest.raises(StageError, match="not registered"):
-        run_stage(shared, "upload", "--record", "registry/record99.json", "--receipt", "upload/receipt99.json")
+    with pytest.raises(StageError, match="tunepipe-demo version 99 is not registered in .*: refusing"):
+        run_stage(shared, "upload", "--version", "99", "--receipt", "upload/receipt99.json")
     assert not (shared / "dist/models/tunepipe-demo/v99").exists()
