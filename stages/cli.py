@@ -11,6 +11,11 @@ with the file's own entry in ingest.sources if it has one; flags override them. 
 only with --judge.
 Exit status: 0 when every file could be read, 1 when one could not (its error says file, row and
 column).
+
+  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR]
+
+checks that a registered model version rebuilds from its git commit, its MLflow run and the DVC
+remote (stages/reproduce.py); exit status 0 when every hash matches.
 """
 from __future__ import annotations
 
@@ -140,6 +145,29 @@ def print_report(r: dict) -> None:
         print(f"    {r['unit']} {s['row']}: {short(body)}")
 
 
+def reproduce_doc() -> str:
+    from stages import reproduce
+
+    return reproduce.__doc__.split("\n\n", 1)[1]
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    from stages.reproduce import add_arguments
+
+    add_arguments(parser)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """`tunepipe reproduce`: the verdict's exit status; expected problems in one line."""
+    from stages.reproduce import reproduce
+
+    try:
+        return reproduce(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -157,7 +185,12 @@ def main(argv: list[str] | None = None) -> None:
                      help="override a param, e.g. -S clean.near_duplicates.threshold=0.9")
     ins.add_argument("--judge", action="store_true", help="run the LLM judge if clean.judge.enabled")
     ins.add_argument("--judge-cache", default="data/judge/cache.jsonl")
+    rep = sub.add_parser("reproduce", help="check that a registered model version rebuilds from git, MLflow and the DVC remote",
+                         description=reproduce_doc())
+    add_reproduce_arguments(rep)
     args = ap.parse_args(argv)
+    if args.command == "reproduce":
+        sys.exit(run_reproduce(args))
 
     try:
         ingest, clean_section = load_sections(args.params, args.overrides)
