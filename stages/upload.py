@@ -65,7 +65,8 @@ def model_card(record: dict, version, log_weights: str) -> str:
             f"- base: {base_line(record.get('base'))}\n"
             f"- git commit: `{record['git_commit']}`\n- data (dvc md5 of data/split): `{record['data_md5']}`\n"
             f"- merged weights (dvc md5): `{record['model_md5']}`\n\n"
-            f"Reproduce: `git checkout {record['git_commit']} && dvc pull && dvc repro`\n\n"
+            f"Reproduce: `git checkout {record['git_commit']} && dvc pull && dvc repro`, or check it with "
+            f"`tunepipe reproduce {record['model_name']}/{record['version']}`\n\n"
             f"| version tag | value |\n|---|---|\n{tags}\n")
 
 
