@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ins.add_argument("--judge", action="store_true", help="run the LLM judge if clean.judge.enabled")
     ins.add_argument("--judge-cache", default="data/judge/cache.jsonl")
     rep = sub.add_parser("reproduce", help="check that a registered model version rebuilds from git, MLflow and the DVC remote",
-                         description=reproduce_doc())
+                         description=reproduce_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_reproduce_arguments(rep)
     args = ap.parse_args(argv)
     if args.command == "reproduce":

@@ -41,17 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--into", type=Path, default=None, help="folder for the git worktree (default: a new temporary one)")
 
 
+def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """(model, alias, version number) of MODEL@ALIAS or MODEL/VERSION."""
+    name, at, alias = spec.partition("@")
+    if at and name and alias:
+        return name, alias, None
+    name, slash, number = spec.rpartition("/")
+    if at or not slash or not name or not number.isdigit():
+        raise StageError(f"{spec}: expected MODEL@ALIAS or MODEL/VERSION (e.g. tunepipe-demo@champion)")
+    return name, None, number
+
+
 def find_version(client, spec: str):
     from mlflow.exceptions import MlflowException
 
-    name, at, alias = spec.partition("@")
-    number = None
-    if not at:
-        name, slash, number = spec.rpartition("/")
-        if not slash or not number.isdigit():
-            raise StageError(f"{spec}: expected MODEL@ALIAS or MODEL/VERSION (e.g. tunepipe-demo@champion)")
+    name, alias, number = parse_spec(spec)
     try:
-        return client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
     except MlflowException:
         raise StageError(f"{spec}: no such registered model version in {tracking_uri()}") from None
 
@@ -183,6 +189,7 @@ def reproduce(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow import MlflowClient
 
+    parse_spec(args.spec)  # a typo fails before any store is opened
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     version = find_version(client, args.spec)
