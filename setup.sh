@@ -102,6 +102,12 @@ for env in $ENVS; do make_env "$env"; done
 
 # The pipeline needs a git repo with a commit (dvc exp run) and DVC initialised.
 if [ ! -d .dvc ] && [ -x .venvs/core/bin/dvc ]; then .venvs/core/bin/dvc init -q; fi
+# The default DVC remote: the folder ../tunepipe-dvc-remote beside this checkout (.dvc/config), so
+# `dvc push` / `dvc pull` (and `tunepipe reproduce`) work out of the box; `dvc remote add -d` changes it.
+if [ -x .venvs/core/bin/dvc ]; then
+  if [ -z "$(.venvs/core/bin/dvc remote list)" ]; then .venvs/core/bin/dvc remote add -d local ../tunepipe-dvc-remote; fi
+  if [ "$(.venvs/core/bin/dvc remote default)" = local ]; then mkdir -p ../tunepipe-dvc-remote; fi
+fi
 echo "[setup] done. Run the pipeline with: .venvs/core/bin/dvc repro"
 
 # ---- review report test (tests/test_review.py) --------------------------------------------------

@@ -17,6 +17,11 @@ with the file's own entry in ingest.sources if it has one; flags override them. 
 only with --judge.
 Exit status: 0 when every file could be read, 1 when one could not (its error says file, row and
 column).
+
+  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR]
+
+checks that a registered model version rebuilds from its git commit, its MLflow run and the DVC
+remote (stages/reproduce.py); exit status 0 when every hash matches.
 """
 from __future__ import annotations
 
@@ -196,6 +201,29 @@ def run_model_command(args) -> None:
         sys.exit(status)
 
 
+def reproduce_doc() -> str:
+    from stages import reproduce
+
+    return reproduce.__doc__.split("\n\n", 1)[1]
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    from stages.reproduce import add_arguments
+
+    add_arguments(parser)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """`tunepipe reproduce`: the verdict's exit status; expected problems in one line."""
+    from stages.reproduce import reproduce
+
+    try:
+        return reproduce(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -215,10 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     ins.add_argument("--judge-cache", default="data/judge/cache.jsonl")
     add_chat_parser(sub)
     add_serve_parser(sub)
+    rep = sub.add_parser("reproduce", help="check that a registered model version rebuilds from git, MLflow and the DVC remote",
+                         description=reproduce_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_reproduce_arguments(rep)
     args = ap.parse_args(argv)
     if args.command in ("chat", "serve"):
         run_model_command(args)
         return
+    if args.command == "reproduce":
+        sys.exit(run_reproduce(args))
 
     try:
         ingest, clean_section = load_sections(args.params, args.overrides)

@@ -39,11 +39,15 @@ import subprocess
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from mlflow.exceptions import MlflowException
+from requests.exceptions import RequestException
 
 from stages.common import Params, StageError, load_params, read_jsonl, resolve_base, run_stage, write_json
 from stages.dvc_hashes import dvc_md5, lock_hashes
+from stages.promotion import GateParams, Outcome, decide, eval_scores, gate_tags, summary, tag_scores
 
 MODEL_CODE = Path(__file__).with_name("registered_model.py")  # the pyfunc model, logged as code
 
@@ -52,7 +56,9 @@ class RegisterParams(Params):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "tunepipe"
     model_name: str = "tunepipe-demo"
-    alias: str = "candidate"         # moved to each new version; promote to @champion after review
+    alias: str = "candidate"         # moved to each new version
+    champion_alias: str = "champion"  # moved to a new version only when it passes the gate
+    gate: GateParams = GateParams()   # stages/promotion.py
     sample_generations: int = 5
     log_weights: Literal["adapter", "merged"] = "adapter"  # adapter (+ base reference) | merged (full copy)
 
@@ -89,56 +95,166 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params("register", RegisterParams)
 
-    import mlflow
-    from mlflow import MlflowClient
-
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", p.tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(p.experiment)
+    facts = gather(args, p)
+    try:
+        record = register_once(args, p, tracking_uri, facts)
+    except (MlflowException, RequestException) as e:
+        raise StageError(f"MLflow tracking server {redacted(tracking_uri)} failed during registration "
+                         f"({scrubbed(first_line(e), tracking_uri)}): no version was completed; rerun register when "
+                         f"it answers (an interrupted registration is completed, not duplicated)") from None
+    write_json(args.out, record)
+    print(f"register: {record['gate_summary']}")
+    print(f"register: run {record['run_id']}, {p.model_name} version {record['version']} @{p.alias}"
+          f"{' @' + p.champion_alias if record['gate'] == 'pass' else ''} "
+          f"({p.log_weights} logged; {redacted(tracking_uri)})")
+
+
+def gather(args, p: RegisterParams) -> dict:
+    """Everything the run and version record, read from the files the other stages left (no MLflow)."""
     all_params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
     metrics = {}
     for path in sorted(Path(args.metrics_dir).glob("*.json")):
         flat = flatten(json.loads(path.read_text()), path.stem + ".")
         metrics.update({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    eval_path = Path(args.metrics_dir) / "eval.json"
+    scores = eval_scores(json.loads(eval_path.read_text())) if eval_path.exists() else []
     hashes = lock_hashes(Path(args.lock))
-    data_hash = hashes.get("data/split", "")
     reference = model_reference(args, p.log_weights, hashes)
     ref_tags = reference_tags(reference)
-    model_hash = ref_tags["model_md5"]
-    if p.log_weights == "adapter" and not model_hash:
+    if p.log_weights == "adapter" and not ref_tags["model_md5"]:
         print(f"register: warning: {args.lock} records no md5 of {args.merged}: upload cannot verify the merged "
               f"weights of this version and will refuse it")
     tags = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
-            "data_md5": data_hash, "train_backend": all_params["train"]["backend"], **ref_tags,
+            "data_md5": hashes.get("data/split", ""), "train_backend": all_params["train"]["backend"], **ref_tags,
             **{f"dvc_lock.{path}": md5 for path, md5 in hashes.items()}}
+    # the same inputs give the same key: a rerun after a failure finds its unfinished version by it
+    key = hashlib.sha256(json.dumps([flatten(all_params), metrics, tags], sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return {"all_params": all_params, "metrics": metrics, "scores": scores, "reference": reference,
+            "ref_tags": ref_tags, "tags": {**tags, "registration_key": key}, "key": key}
 
-    run_name = os.environ.get("DVC_EXP_NAME") or f"{all_params['train']['backend']}-{tags['git_commit'][:8]}"
+
+def register_once(args, p: RegisterParams, tracking_uri: str, facts: dict) -> dict:
+    """Log the run and register the version, or complete the version an interrupted attempt left.
+    The version is created with all its tags (gate included) in one call; the aliases follow, and the
+    tag registration=complete last, so a version without it is one to complete, never to copy."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    version = unfinished_version(client, p.model_name, facts["key"])
+    if version is None:
+        champion = current_champion(client, p.model_name, p.champion_alias)
+        passed, outcomes = decide(facts["scores"], tag_scores(champion.tags) if champion else None, p.gate)
+        before = str(champion.version) if champion else None
+        gate = gate_tags(passed, outcomes, before)
+        mlflow.set_experiment(p.experiment)
+        version = log_and_register(mlflow, args, p, facts, gate)
+    else:
+        print(f"register: completing version {version.version}, left unfinished by an interrupted registration")
+    passed = version.tags.get("gate.decision") == "pass"
+    client.set_registered_model_alias(p.model_name, p.alias, version.version)
+    if passed:
+        client.set_registered_model_alias(p.model_name, p.champion_alias, version.version)
+    client.set_model_version_tag(p.model_name, version.version, "registration", "complete")
+    champion = current_champion(client, p.model_name, p.champion_alias)
+    ref, tags = facts["reference"], version.tags
+    outcomes = [Outcome(k.removeprefix("gate."), *v.split(": ", 1)) for k, v in sorted(tags.items())
+                if k.startswith("gate.") and k not in ("gate.decision", "gate.champion_before")]
+    before = tags.get("gate.champion_before")
+    return {"run_id": version.run_id, "experiment": p.experiment, "tracking_uri": redacted(tracking_uri),
+            "model_name": p.model_name, "version": int(version.version), "alias": p.alias,
+            "model_uri": f"models:/{p.model_name}/{version.version}", "gate": "pass" if passed else "fail",
+            "gate_summary": summary(passed, outcomes, None if before in (None, "none") else before),
+            "champion": int(champion.version) if champion else None,
+            "git_commit": tags.get("git_commit", ""), "data_md5": tags.get("data_md5", ""),
+            "model_md5": facts["ref_tags"]["model_md5"], "log_weights": p.log_weights, "base": ref["base"],
+            "dvc_md5": ref["dvc_md5"]}
+
+
+def log_and_register(mlflow, args, p: RegisterParams, facts: dict, gate: dict):
+    """One complete MLflow run, then the model version with every tag it will carry."""
+    tags = facts["tags"]
+    run_name = os.environ.get("DVC_EXP_NAME") or f"{facts['all_params']['train']['backend']}-{tags['git_commit'][:8]}"
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(all_params).items()})
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags(tags)
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in flatten(facts["all_params"]).items()})
+        mlflow.log_metrics(facts["metrics"])
+        mlflow.set_tags({**tags, **gate})
         log_curves_and_plots(mlflow, Path(args.plots_dir))
         for extra in ["params.yaml", args.lock, args.predictions]:
             if Path(extra).exists():
                 mlflow.log_artifact(extra)
         mlflow.log_artifacts(args.metrics_dir, "metrics")
         log_sample_generations(mlflow, Path(args.predictions), p.sample_generations)
-        model_info = log_model(mlflow, args, reference)
+        model_info = log_model(mlflow, args, facts["reference"])
+        version_tags = {"git_commit": tags["git_commit"], "data_md5": tags["data_md5"], "run_id": run.info.run_id,
+                        "registration_key": facts["key"], **facts["ref_tags"], **gate,
+                        **{k: v for k, v in tags.items() if k.startswith("dvc_lock.")},
+                        **{k: str(v) for k, v in facts["metrics"].items() if k.startswith("eval.")}}
+        return mlflow.register_model(model_info.model_uri, p.model_name, tags=version_tags)
 
-        client = MlflowClient()
-        version = mlflow.register_model(model_info.model_uri, p.model_name, tags={
-            "git_commit": tags["git_commit"], "data_md5": data_hash, "run_id": run.info.run_id, **ref_tags,
-            **{k: str(v) for k, v in metrics.items() if k.startswith("eval.")}})
-        client.set_registered_model_alias(p.model_name, p.alias, version.version)
 
-    record = {"run_id": run.info.run_id, "experiment": p.experiment, "tracking_uri": tracking_uri, "model_name": p.model_name,
-              "version": int(version.version), "alias": p.alias, "model_uri": f"models:/{p.model_name}/{version.version}",
-              "git_commit": tags["git_commit"], "data_md5": data_hash, "model_md5": model_hash,
-              "log_weights": p.log_weights, "base": reference["base"], "dvc_md5": reference["dvc_md5"]}
-    write_json(args.out, record)
-    print(f"register: run {run.info.run_id}, {p.model_name} version {version.version} @{p.alias} "
-          f"({p.log_weights} logged; {tracking_uri})")
+def unfinished_version(client, model_name: str, key: str):
+    """The version an interrupted registration of these same inputs created, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for version in versions:
+        if version.tags.get("registration_key") == key and version.tags.get("registration") != "complete":
+            return client.get_model_version(model_name, version.version)
+    return None
+
+
+def current_champion(client, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """A tracking server that does not answer fails here at once, not after MLflow's retries."""
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except RequestException as e:
+        raise StageError(f"MLflow tracking server {redacted(tracking_uri)} is unreachable "
+                         f"({scrubbed(first_line(e), tracking_uri)}): nothing was registered") from None
+
+
+def redacted(uri: str) -> str:
+    """The URI with any password replaced by ***, for messages and records."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrubbed(text: str, uri: str) -> str:
+    password = urlsplit(uri).password
+    return text.replace(password, "***") if password else text
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
 
 
 def model_reference(args, log_weights: str, hashes: dict) -> dict:

@@ -1,7 +1,11 @@
-"""upload: publish a registered model version, and only a registered one.
+"""upload: publish the registered model version behind upload.alias (default champion), and no other.
 
-Looks the version up in the MLflow registry (refusing if it is not there or belongs to another
-run), and publishes one folder that transformers loads (AutoModelForCausalLM.from_pretrained):
+Looks up the version the alias points at in the MLflow registry (the model is the one register's
+record names); `--version N` is refused unless the alias points at N, and a version that is not
+registered is refused. When no version is behind the alias yet (the first version failed the gate)
+or the version behind it was already uploaded to upload.target (a version tag says where), there
+is nothing to do: the receipt says so and the stage succeeds, so a `dvc exp run` whose version
+failed the gate still completes. Otherwise it publishes one folder that transformers loads (AutoModelForCausalLM.from_pretrained):
 the merged model's files at the top, the LoRA adapter in adapter/, and a model card naming the
 base, data, params, commit, hashes and scores. Where the merged weights come from depends on
 what register logged (the version's MLmodel metadata, tunepipe.log_weights):
@@ -31,6 +35,7 @@ from stages.dvc_hashes import dvc_md5, lock_hashes
 
 
 class UploadParams(Params):
+    alias: str = "champion"         # only the version behind this alias is published
     target: str = "dist/models"     # a folder, or hf://owner/repo
     private: bool = True            # hf:// targets: create the repo private
 
@@ -60,7 +65,8 @@ def model_card(record: dict, version, log_weights: str) -> str:
             f"- base: {base_line(record.get('base'))}\n"
             f"- git commit: `{record['git_commit']}`\n- data (dvc md5 of data/split): `{record['data_md5']}`\n"
             f"- merged weights (dvc md5): `{record['model_md5']}`\n\n"
-            f"Reproduce: `git checkout {record['git_commit']} && dvc pull && dvc repro`\n\n"
+            f"Reproduce: `git checkout {record['git_commit']} && dvc pull && dvc repro`, or check it with "
+            f"`tunepipe reproduce {record['model_name']}/{record['version']}`\n\n"
             f"| version tag | value |\n|---|---|\n{tags}\n")
 
 
@@ -104,38 +110,86 @@ def main() -> None:
     ap.add_argument("--receipt", default="upload/receipt.json")
     ap.add_argument("--merged", default="models/merged", help="DVC-tracked merged model (adapter-registered versions)")
     ap.add_argument("--lock", default="dvc.lock")
+    ap.add_argument("--version", type=int, default=None, help="this version; refused unless upload.alias points at it")
     args = ap.parse_args()
     p = load_params("upload", UploadParams)
     os.environ.setdefault("HF_HUB_OFFLINE", "1") if not p.target.startswith("hf://") else None
 
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
     if not Path(args.record).exists():
         raise StageError(f"{args.record}: no registry record (run the register stage first)")
     record = json.loads(Path(args.record).read_text())
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", record.get("tracking_uri") or "sqlite:///mlflow.db"))
-    try:
-        version = MlflowClient().get_model_version(record["model_name"], str(record["version"]))
-    except MlflowException:
-        raise StageError(f"{record['model_name']} version {record['version']} is not registered in "
-                         f"{mlflow.get_tracking_uri()}: refusing to upload an unregistered model") from None
-    if version.run_id != record["run_id"]:
-        raise StageError(f"{record['model_uri']} belongs to run {version.run_id}, not {record['run_id']}: refusing")
+    client = MlflowClient()
+    name = record["model_name"]
+    version = version_behind_alias(client, name, p.alias, args.version)
+    if version is None:
+        return skip(args.receipt, p.alias, None, f"no version of {name} is @{p.alias} yet (register's gate promotes one)")
+    model_uri = f"models:/{name}/{version.version}"
+    if str(version.version) == str(record["version"]) and version.run_id != record["run_id"]:
+        raise StageError(f"{model_uri} belongs to run {version.run_id}, not {record['run_id']}: refusing")
+    done = version.tags.get("upload_destination", "")
+    if version.tags.get("upload_target") == p.target and (p.target.startswith("hf://") or Path(done).is_dir()):
+        return skip(args.receipt, p.alias, version, f"{model_uri} (@{p.alias}) is already uploaded to {done}", done)
+    published = {"model_name": name, "version": version.version, "model_uri": model_uri, "alias": p.alias,
+                 "run_id": version.run_id, "experiment": record.get("experiment", ""),
+                 **{k: version.tags.get(k, "") for k in ("git_commit", "data_md5", "model_md5")}}
+    destination, digests, log_weights = publish(args, p, version, published)
+    client.set_model_version_tag(name, version.version, "upload_target", p.target)
+    client.set_model_version_tag(name, version.version, "upload_destination", destination)
+    write_json(args.receipt, {"model_uri": model_uri, "alias": p.alias, "run_id": version.run_id,
+                              "log_weights": log_weights, "destination": destination, "files": digests})
+    print(f"upload: {model_uri} (@{p.alias}, {log_weights or 'as registered'}) -> {destination} ({len(digests)} files)")
 
+
+def version_behind_alias(client, name: str, alias: str, requested: int | None):
+    """The version upload.alias points at (None if none does); an explicit other version is refused."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        behind = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        behind = None
+    if requested is None:
+        return behind
+    try:
+        client.get_model_version(name, str(requested))
+    except MlflowException:
+        raise StageError(f"{name} version {requested} is not registered in {mlflow.get_tracking_uri()}: "
+                         f"refusing to upload an unregistered model") from None
+    if behind is None or str(behind.version) != str(requested):
+        holder = f"version {behind.version} is" if behind else "no version is"
+        raise StageError(f"{name} version {requested} is not @{alias} ({holder}): upload publishes only the "
+                         f"version behind upload.alias, refusing")
+    return behind
+
+
+def skip(receipt: str, alias: str, version, reason: str, destination: str = "") -> None:
+    write_json(receipt, {"model_uri": f"models:/{version.name}/{version.version}" if version else "",
+                         "alias": alias, "destination": destination, "skipped": reason})
+    print(f"upload: nothing to do: {reason}")
+
+
+def publish(args, p: UploadParams, version, published: dict) -> tuple[str, dict, str]:
+    """Download the version, check or pick its merged weights, and publish the folder to upload.target."""
+    import mlflow
+    from mlflow.models import Model
+
+    model_uri = published["model_uri"]
     with tempfile.TemporaryDirectory() as staging:
-        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=record["model_uri"], dst_path=staging))
+        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging))
         info = (Model.load(str(files / "MLmodel")).metadata or {}).get("tunepipe", {})
         log_weights = info.get("log_weights", "")
         if log_weights == "adapter":
-            weights = verified_merged(args.merged, args.lock, version, record["model_uri"], info.get("dvc_md5", {}))
+            weights = verified_merged(args.merged, args.lock, version, model_uri, info.get("dvc_md5", {}))
         elif log_weights == "merged":
             weights = files / "artifacts" / "merged"
         else:
             weights = None
-        card = model_card(record, version, log_weights)
+        card = model_card({**published, "base": info.get("base")}, version, log_weights)
         if p.target.startswith("hf://"):
             from huggingface_hub import HfApi
 
@@ -146,17 +200,15 @@ def main() -> None:
             api = HfApi(token=os.environ.get("HF_TOKEN"))
             api.create_repo(repo_id, private=p.private, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                                       commit_message=f"{record['model_uri']} (run {record['run_id']})")
+                                       commit_message=f"{model_uri} (run {version.run_id})")
             destination = commit.commit_url
         else:
-            dest = Path(p.target) / record["model_name"] / f"v{record['version']}"
+            dest = Path(p.target) / published["model_name"] / f"v{version.version}"
             with atomic_path(dest, is_dir=True) as tmp:
                 assemble(tmp, files, weights, card)
                 digests = sha256_digests(tmp)
             destination = str(dest)
-    write_json(args.receipt, {"model_uri": record["model_uri"], "run_id": record["run_id"], "log_weights": log_weights,
-                              "destination": destination, "files": digests})
-    print(f"upload: {record['model_uri']} ({log_weights or 'as registered'}) -> {destination} ({len(digests)} files)")
+    return destination, digests, log_weights
 
 
 def sha256_digests(folder: Path) -> dict:

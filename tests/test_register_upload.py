@@ -48,7 +48,7 @@ def write_lock(folder: Path) -> dict:
 
 def prepare(pipeline: Path, workdir: Path, monkeypatch) -> Path:
     copy_outputs(pipeline, workdir, "data/split", "models/base", "models/adapter", "models/merged", "metrics", "plots")
-    (workdir / "metrics/eval.json").write_text(json.dumps({"demo_qa": {"base": {"rouge_l": 0.1}, "merged": {"rouge_l": 0.6}}}))
+    (workdir / "metrics/eval.json").write_text(json.dumps({"demo_qa": {"base": {"rougeL": 10.0}, "merged": {"rougeL": 60.0}}}))
     write_lock(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
     return workdir
@@ -117,7 +117,7 @@ def test_register_logs_a_complete_run_and_a_version(shared):
     client = MlflowClient()
     run = client.get_run(record["run_id"])
     assert run.data.params["train.lora.r"] == "16" and run.data.params["split.seed"] == "42"
-    assert run.data.metrics["eval.demo_qa.merged.rouge_l"] == 0.6
+    assert run.data.metrics["eval.demo_qa.merged.rougeL"] == 60.0
     assert run.data.metrics["clean.rejected_by_reason.duplicate"] == 3
     assert len(client.get_metric_history(record["run_id"], "train.loss")) == run.data.metrics["train.steps"]
     assert run.data.tags["git_commit"]
@@ -125,7 +125,8 @@ def test_register_logs_a_complete_run_and_a_version(shared):
     assert "plots/train_loss.png" in artifacts and "plots/train_loss.csv" in artifacts
     version = client.get_model_version_by_alias("tunepipe-demo", "candidate")
     assert int(version.version) == record["version"] and version.run_id == record["run_id"]
-    assert version.tags["eval.demo_qa.merged.rouge_l"] == "0.6"
+    assert version.tags["eval.demo_qa.merged.rougeL"] == "60.0" and version.tags["gate.decision"] == "pass"
+    assert int(client.get_model_version_by_alias("tunepipe-demo", "champion").version) == record["version"]
     assert mlflow.get_tracking_uri().endswith("mlflow.db")
 
 
@@ -256,8 +257,6 @@ def test_log_weights_merged_registers_and_uploads_the_merged_files(pipeline, wor
 
 
 def test_upload_refuses_an_unregistered_version(shared):
-    record = json.loads((shared / "registry/record.json").read_text())
-    (shared / "registry/record99.json").write_text(json.dumps({**record, "version": 99, "model_uri": "models:/tunepipe-demo/99"}))
-    with pytest.raises(StageError, match="not registered"):
-        run_stage(shared, "upload", "--record", "registry/record99.json", "--receipt", "upload/receipt99.json")
+    with pytest.raises(StageError, match="tunepipe-demo version 99 is not registered in .*: refusing"):
+        run_stage(shared, "upload", "--version", "99", "--receipt", "upload/receipt99.json")
     assert not (shared / "dist/models/tunepipe-demo/v99").exists()
