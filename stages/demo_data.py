@@ -31,7 +31,7 @@ class DemoDataParams(Params):
     drugs: int = 60
     placeholder_answers: int = 4
     duplicated_rows: int = 3
-    exam_questions: int = 40      # multiple-choice questions (one a drug, the first drugs)
+    exam_questions: int = 60      # multiple-choice questions (one a drug, the first drugs)
     tool_rows: int = 30           # tool-calling conversations (one a drug, the last drugs)
 
 
