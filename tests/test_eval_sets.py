@@ -275,7 +275,8 @@ def test_every_set_for_every_model(built):
         if s["set"] == "mcq":  # ppl: the prediction is the likeliest letter
             assert s["predictions"]["merged"] == s["reference"] and s["correct"]["merged"] is True
     base_correct = [s["correct"]["base"] for s in samples if s["set"] == "mcq"]
-    assert metrics["mcq"]["base"]["accuracy"] == pytest.approx(100.0 * sum(base_correct) / 3, abs=1e-3)
+    # OpenCompass's summary rounds to 2 decimals; the near-random base picks 1 of 3 (seeded, pinned CPU math)
+    assert metrics["mcq"]["base"]["accuracy"] == round(100.0 * sum(base_correct) / 3, 2) == 33.33
 
 
 @needs_envs
