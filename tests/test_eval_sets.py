@@ -111,6 +111,20 @@ def test_mcq_from_text_blocks(tmp_path):
     assert records[1]["meta"] == {"explanation": "解析：阿司匹林是解热镇痛药。"}
 
 
+def test_mcq_from_docx_exam(tmp_path):
+    import docx
+
+    document = docx.Document()
+    for line in ["一、单选题", "1. What is 2+2?", "A. 3", "B. 4", "C. 5", "D. 6", "【答案】B",
+                 "2. 以下哪个是解热镇痛药？", "A. 阿司匹林  B. 胰岛素  C. 青霉素  D. 华法林", "答案：A"]:
+        document.add_paragraph(line)
+    document.save(tmp_path / "exam.docx")
+    info, records = ingest(tmp_path / "exam.docx", format="mcq")
+    assert info["format"] == "mcq" and info["unit"] == "paragraph"
+    assert_expected(records)
+    assert ingest(tmp_path / "exam.docx")[0]["format"] == "exam"  # auto keeps docx as question/answer blocks
+
+
 def test_mcq_detection_leaves_other_data_alone(tmp_path):
     """A corpus, a question/answer table and chat JSON keep their formats (format auto)."""
     (tmp_path / "corpus.txt").write_text("1. Aspirin is a pain reliever.\nA. note: it thins blood.\n\nMore text.\n")
