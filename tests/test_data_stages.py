@@ -67,7 +67,12 @@ def test_clean_accounts_for_every_row(pipeline):
 def test_split_is_seeded_and_leak_free(pipeline, workdir):
     metrics = json.loads((pipeline / "metrics/split.json").read_text())
     assert {k: metrics[k] for k in ("train_rows", "val_rows", "test_rows", "leakage_rows")} == {
-        "train_rows": 356, "val_rows": 44, "test_rows": 44, "leakage_rows": 0}
+        "train_rows": 283, "val_rows": 36, "test_rows": 125, "leakage_rows": 0}
+    # split.held_out: the exam and tool-calling sources are scored in test, never trained on
+    assert metrics["held_out_rows"] == 59 + 30
+    assert {s: n for s, n in metrics["rows_per_source"]["test"].items() if "exam" in s or "tool" in s} == {
+        "data/raw/demo_drug_exam.txt": 59, "data/raw/demo_tool_calls.jsonl": 30}
+    assert not any("exam" in s or "tool" in s for s in metrics["rows_per_source"]["train"])
     assert metrics["corpus_rows"] == metrics["mixed_out_rows"] == 0
     (workdir / "data/cleaned").mkdir(parents=True)
     (workdir / "data/cleaned/records.jsonl").write_bytes((pipeline / "data/cleaned/records.jsonl").read_bytes())
@@ -75,7 +80,7 @@ def test_split_is_seeded_and_leak_free(pipeline, workdir):
     for name in ["train", "val", "test"]:
         assert md5(workdir / f"data/split/{name}.jsonl") == md5(pipeline / f"data/split/{name}.jsonl")
     xtuner = read_jsonl(pipeline / "data/split/xtuner/train.jsonl")
-    assert len(xtuner) == 356 and set(xtuner[0]["conversation"][0]) == {"system", "input", "output"}
+    assert len(xtuner) == 283 and set(xtuner[0]["conversation"][0]) == {"system", "input", "output"}
 
 
 @pytest.mark.parametrize("changes, message", [
