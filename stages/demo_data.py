@@ -4,7 +4,9 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - an .xlsx sheet with the mess real sheets have (a NaN answer, duplicated rows, placeholder
     answers such as "No answers", stray whitespace and non-breaking spaces),
   - a .jsonl in ShareGPT format (another chat format, with a system prompt),
-  - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on.
+  - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on,
+  - an exam of multiple-choice questions on the same facts, as text blocks ("1. ... A. ... answer: B"),
+  - tool-calling conversations (ShareGPT with tools): the pharmacist looks a fact up with a tool.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ class DemoDataParams(Params):
     drugs: int = 60
     placeholder_answers: int = 4
     duplicated_rows: int = 3
+    exam_questions: int = 60      # multiple-choice questions (one a drug, the first drugs)
+    tool_rows: int = 30           # tool-calling conversations (one a drug, the last drugs)
 
 
 SYLLABLES = ["zor", "va", "tin", "pel", "mi", "dex", "lo", "ran", "qui", "sol", "ta", "ber", "no", "fa", "cor", "xi"]
@@ -129,6 +133,64 @@ def sharegpt_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
+EXAM = {  # question, the fact that answers it (and its distractors)
+    "usage": ("Which condition is {d} used to treat?", "cond"),
+    "dose": ("How often is {d} usually taken?", "freq"),
+    "food": ("How should {d} be taken?", "food"),
+}
+CHOICES = {"cond": [cond for _, cond in CLASSES], "freq": FREQ, "food": FOOD}
+
+
+def exam_blocks(rng: random.Random, drugs: list[dict]) -> str:
+    """Multiple-choice blocks on the demo facts: the right option and three others of the same kind,
+    the right one at a random letter."""
+    blocks = []
+    for n, drug in enumerate(drugs, start=1):
+        question, fact = EXAM[list(EXAM)[n % len(EXAM)]]
+        options = [drug[fact]] + rng.sample([c for c in CHOICES[fact] if c != drug[fact]], 3)
+        rng.shuffle(options)
+        lines = [f"{n}. {question.format(**drug)}", *(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)),
+                 f"answer: {'ABCD'[options.index(drug[fact])]}"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+TOOLS = [
+    {"name": "lookup_drug", "description": "Look up one fact about a drug in the pharmacy database",
+     "parameters": {"type": "object", "properties": {
+         "drug": {"type": "string", "description": "drug name, lower case"},
+         "field": {"type": "string", "enum": ["usage", "dose", "side effects", "storage", "food"]}},
+         "required": ["drug", "field"]}},
+    {"name": "check_stock", "description": "How many packs of a drug the pharmacy has",
+     "parameters": {"type": "object", "properties": {"drug": {"type": "string"}}, "required": ["drug"]}},
+]
+TOOL_QUESTIONS = {"usage": "Please look up what {d} is used for.", "dose": "Please look up the dose of {d}.",
+                  "side effects": "Please look up the side effects of {d}.", "storage": "Please look up how to store {d}.",
+                  "food": "Please look up whether {d} goes with food.", "stock": "Do we have {d} in stock?"}
+
+
+def tool_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
+    """ShareGPT conversations with tools: the question, the call (function_call), the tool's answer
+    (observation) and the reply built from it."""
+    rows = []
+    for drug in drugs:
+        field = rng.choice(list(TOOL_QUESTIONS))
+        if field == "stock":
+            packs = rng.randint(0, 40)
+            call = {"name": "check_stock", "arguments": {"drug": drug["d"]}}
+            result, reply = {"drug": drug["d"], "packs": packs}, f"We have {packs} packs of {drug['d']} in stock."
+        else:
+            call = {"name": "lookup_drug", "arguments": {"drug": drug["d"], "field": field}}
+            reply = QUESTION_TYPES[field][1].format(**drug)
+            result = {"drug": drug["d"], field: reply}
+        rows.append({"system": SYSTEM_PROMPT, "tools": json.dumps(TOOLS), "conversations": [
+            {"from": "human", "value": TOOL_QUESTIONS[field].format(**drug)},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": json.dumps(result)},
+            {"from": "gpt", "value": reply}]})
+    return rows
+
+
 def fact_sheet(drug: dict) -> str:
     return " ".join(answer.format(**drug) for _, answer in QUESTION_TYPES.values())
 
@@ -149,7 +211,15 @@ def main() -> None:
                        encoding="utf-8")
     with atomic_path(out / "demo_drug_facts.txt") as tmp:
         tmp.write_text("\n\n".join(fact_sheet(d) for d in drugs) + "\n", encoding="utf-8")
-    print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt")
+    # a generator of their own, so the files above stay what they were before these existed
+    extra = random.Random(f"{p.seed}/exam-and-tools")
+    with atomic_path(out / "demo_drug_exam.txt") as tmp:
+        tmp.write_text(exam_blocks(extra, drugs[:p.exam_questions]), encoding="utf-8")
+    with atomic_path(out / "demo_tool_calls.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in tool_rows(extra, drugs[len(drugs) - p.tool_rows:])), encoding="utf-8")
+    print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt, "
+          f"demo_drug_exam.txt ({p.exam_questions} questions), demo_tool_calls.jsonl ({p.tool_rows} conversations)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""eval: score the base, merged and quantized models on the test split with OpenCompass.
+"""eval: score the base, merged and quantized models on the test split's sets with OpenCompass.
 
 Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it has its own env):
     .venvs/opencompass/bin/python -m stages.eval
@@ -21,6 +21,14 @@ Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it
    parse outputs/<name>/<timestamp>/summary/summary_<timestamp>.csv into metrics/eval.json, and
    collect the per-sample predictions into eval/predictions.jsonl.
 
+Sets (stages/eval_sets.py): besides the generative rows above, the test split's multiple-choice
+records are scored by accuracy (eval.mcq.mode ppl: a second OpenCompass run, opencompass_ppl_config.py,
+picks the likeliest option letter; gen: the reply's letter), its tool-calling records by the
+tool-call check (stages/tool_calls.py), and eval.opencompass_datasets by OpenCompass's own configs
+(skipped, and recorded as skipped, without local data). metrics/eval.json is
+{set: {model: {metric: value}}}; plots/eval_scores.csv the same as rows for the DVC plot; and
+eval/predictions_by_sample.jsonl every model's prediction side by side per set and sample.
+
 Device (hf_run_settings): eval.device auto puts every model on the GPU when there is one
 (model_kwargs device_map cuda, run_cfg num_gpus=1; eval.dtype auto = bfloat16, the dequantized
 AWQ model in eval.turbomind_dtype as TurboMind computes in fp16) and on the CPU otherwise
@@ -42,6 +50,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from stages import eval_sets
 from stages.awq import dequantize_linear
 from stages.chat_template import stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, pick_dtype,
@@ -62,6 +71,9 @@ class EvalParams(Params):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # HF compute dtype; auto: bf16 on cuda, fp32 on cpu
     turbomind_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # dequantized weights;
     # TurboMind's W4A16 kernels dequantize to fp16 too, so float16 mirrors what it computes.
+    mcq: eval_sets.McqSet = eval_sets.McqSet()                  # the test split's multiple-choice records
+    tool_calls: eval_sets.ToolCallSet = eval_sets.ToolCallSet()  # its tool-calling records
+    opencompass_datasets: list[str] = []                        # OpenCompass dataset configs by name
 
 
 # OpenCompass roles -> chat roles for HuggingFacewithChatTemplate. OpenCompass's default meta
@@ -72,18 +84,30 @@ CHAT_META_TEMPLATE = dict(
 )
 RUN_NAME = "tunepipe_eval"                 # OpenCompass work dir: outputs/<RUN_NAME>/<timestamp>/
 CONFIG_NAME = "opencompass_config.py"
+PPL_RUN_NAME, PPL_CONFIG_NAME = "tunepipe_eval_ppl", "opencompass_ppl_config.py"  # eval.mcq.mode ppl
+CHAT_MODEL, PPL_MODEL = "opencompass.models.HuggingFacewithChatTemplate", "opencompass.models.HuggingFaceBaseModel"
 TURBOMIND_ABBR = "turbomind_w4a16_dequant"
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. test rows
 # ---------------------------------------------------------------------------------------------
-def eval_rows(test_path: Path, max_samples: int) -> list[dict]:
-    """One row per conversation: messages up to and including the final assistant turn."""
+def read_test(test_path: Path) -> list[dict]:
     if not test_path.exists():
         raise StageError(f"{test_path}: test split not found (run the split stage)")
+    records = read_jsonl(test_path)
+    if not records:
+        raise StageError(f"{test_path}: no test rows")
+    return records
+
+
+def eval_rows(test_path: Path, max_samples: int, records: list[dict] | None = None) -> list[dict]:
+    """One row per generative conversation (not an mcq or tool-call record; eval_sets.kind): messages
+    up to and including the final assistant turn."""
     rows = []
-    for n, row in enumerate(read_jsonl(test_path), start=1):
+    for n, row in enumerate(read_test(test_path) if records is None else records, start=1):
+        if eval_sets.kind(row) != "generative":
+            continue
         messages = row.get("messages") or []
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None or last == 0:
@@ -91,8 +115,6 @@ def eval_rows(test_path: Path, max_samples: int) -> list[dict]:
                              "assistant turn after a prompt to score")
         convo = [{"role": m["role"], "content": m["content"]} for m in messages[:last + 1]]
         rows.append({"id": row.get("id", str(n)), "messages": convo, "answer": convo[-1]["content"]})
-    if not rows:
-        raise StageError(f"{test_path}: no test rows")
     return rows[:max_samples] if max_samples > 0 else rows
 
 
@@ -216,25 +238,9 @@ _chat_meta_template = {meta_template!r}
 '''
 
 CONFIG_BODY = '''
-datasets = [
-    dict(
-        abbr={dataset!r},
-        type='opencompass.datasets.CustomDataset',
-        path='{{{{ fileDirname }}}}/data/{dataset}.jsonl',
-        # one conversation per row; the model writes the final assistant turn of `messages`
-        reader_cfg=dict(input_columns=['messages'], output_column='answer'),
-        infer_cfg=dict(
-            # `messages` is already a chat: ChatInferencer takes it as is (the template is required by
-            # OpenCompass's infer task but not applied to a chat column)
-            prompt_template=dict(type='opencompass.openicl.icl_prompt_template.PromptTemplate',
-                                 template='{{messages}}'),
-            retriever=dict(type='opencompass.openicl.icl_retriever.ZeroRetriever'),
-            # infer_mode='last': generate the final assistant turn given every turn before it
-            inferencer=dict(type='opencompass.openicl.icl_inferencer.ChatInferencer', infer_mode='last',
-                            max_out_len={max_new_tokens}),
-        ),
-        eval_cfg=dict(evaluator=dict(type='opencompass.openicl.icl_evaluator.RougeEvaluator')),
-    ),
+# tunepipe's own evaluators (stages/oc_plugins.py) are imported from the repository: run from its
+# root with PYTHONPATH=. when the config names them.
+datasets = [{datasets}
 ]
 
 models = [{models}
@@ -256,7 +262,7 @@ eval = dict(
 
 MODEL_ENTRY = '''
     dict(
-        type='opencompass.models.HuggingFacewithChatTemplate',
+        type={model_type!r},
         abbr={abbr!r},
         path={path},
         tokenizer_path={tokenizer_path},
@@ -291,9 +297,11 @@ def hf_run_settings(device: str, dtype: str) -> dict:
 
 
 def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict], device: str,
-                 stop_words: list[str], pad_token_id: int | None = None) -> None:
+                 stop_words: list[str], pad_token_id: int | None = None, datasets: str | None = None,
+                 model_type: str = CHAT_MODEL, run_name: str = RUN_NAME) -> None:
     """`path` is where the config is written now (a temporary sibling of `final_dir`); the models
-    run on `device` (see hf_run_settings); a model's own "dtype" overrides eval.dtype."""
+    run on `device` (see hf_run_settings); a model's own "dtype" overrides eval.dtype. datasets: the
+    entries' text (eval_sets); default the generative set eval.dataset alone."""
     entries = []
     for m in models:
         settings = hf_run_settings(device, m.get("dtype") or p.dtype)
@@ -304,29 +312,33 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict],
         if m.get("trust_remote_code"):
             model_kwargs["trust_remote_code"] = tokenizer_kwargs["trust_remote_code"] = True
         entries.append(MODEL_ENTRY.format(
-            abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
+            model_type=model_type, abbr=m["abbr"], path=config_path_expr(m["path"], path.parent), model_kwargs=model_kwargs,
             tokenizer_path=config_path_expr(m.get("tokenizer_path", m["path"]), path.parent),
             tokenizer_kwargs=tokenizer_kwargs, stop=stop_words, pad_token_id=pad_token_id, max_seq_len=p.max_seq_len,
             max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, run_cfg=settings["run_cfg"]))
-    text = CONFIG_HEAD.format(run_name=RUN_NAME, config_path=(final_dir / CONFIG_NAME).as_posix(),
+    text = CONFIG_HEAD.format(run_name=run_name, config_path=(final_dir / path.name).as_posix(),
                               meta_template=CHAT_META_TEMPLATE)
-    text += CONFIG_BODY.format(dataset=p.dataset, max_new_tokens=p.max_new_tokens, models="".join(entries))
+    if datasets is None:
+        datasets = eval_sets.chat_entry(p.dataset, p.max_new_tokens)
+    text += CONFIG_BODY.format(datasets=datasets, models="".join(entries))
     path.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. run OpenCompass and read its results
 # ---------------------------------------------------------------------------------------------
-def run_opencompass(config: Path, cwd: Path) -> Path:
+def run_opencompass(config: Path, cwd: Path, run_name: str = RUN_NAME) -> Path:
     """`opencompass <config>` in a subprocess of this env; returns outputs/<name>/<timestamp>/."""
     env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parents[1])  # OpenCompass imports stages.oc_plugins's evaluators
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.setdefault(k, "1")  # everything is local: models from disk, metrics from opencompass
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, "-m", "opencompass.cli.main", config.name]
     print(f"eval: running {' '.join(cmd)} (in {cwd})", flush=True)
     proc = subprocess.run(cmd, cwd=cwd, env=env)
-    runs = sorted((cwd / "outputs" / RUN_NAME).glob("*/"))
+    runs = sorted((cwd / "outputs" / run_name).glob("*/"))
     if proc.returncode != 0 or len(runs) != 1:
         raise StageError(f"opencompass exited {proc.returncode} on {config.name}; its output is above")
     # scratch left behind: the runner's tmp/ (params of finished tasks), ChatInferencer's default
@@ -340,19 +352,22 @@ def run_opencompass(config: Path, cwd: Path) -> Path:
     return runs[0]
 
 
-def read_summary(run_dir: Path, dataset: str, abbrs: list[str]) -> dict:
-    """summary_<timestamp>.csv (dataset,version,metric,mode,<model abbr>...) -> {model: {metric: score}}."""
+def read_summary(run_dir: Path, dataset: str | list[str], abbrs: list[str]) -> dict:
+    """summary_<timestamp>.csv (dataset,version,metric,mode,<model abbr>...) -> {model: {metric: score}};
+    for several datasets (one named OpenCompass config) the metrics are "<dataset>/<metric>"."""
+    names = [dataset] if isinstance(dataset, str) else dataset
     files = sorted((run_dir / "summary").glob("summary_*.csv"))
     if len(files) != 1:
         raise StageError(f"{run_dir}/summary: expected one summary_*.csv, found {len(files)}")
     scores: dict = {a: {} for a in abbrs}
     with open(files[0], encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            if row["dataset"] != dataset:
+            if row["dataset"] not in names:
                 continue
+            metric = row["metric"] if isinstance(dataset, str) else f"{row['dataset']}/{row['metric']}"
             for a in abbrs:
                 try:
-                    scores[a][row["metric"]] = float(row[a])
+                    scores[a][metric] = float(row[a])
                 except (KeyError, ValueError):
                     raise StageError(f"{files[0]}: no score for model {a}, metric {row['metric']} "
                                      f"(got {row.get(a)!r}); see opencompass's output above") from None
@@ -362,7 +377,7 @@ def read_summary(run_dir: Path, dataset: str, abbrs: list[str]) -> dict:
     return scores
 
 
-def read_predictions(run_dir: Path, dataset: str, abbrs: list[str], rows: list[dict]) -> list[dict]:
+def read_predictions(run_dir: Path, dataset: str, abbrs: list[str], rows: list[dict], kind: str = "generative") -> list[dict]:
     out = []
     for a in abbrs:
         path = run_dir / "predictions" / a / f"{dataset}.json"
@@ -371,9 +386,59 @@ def read_predictions(run_dir: Path, dataset: str, abbrs: list[str], rows: list[d
             raise StageError(f"{path}: {len(preds)} predictions for {len(rows)} test rows")
         for i, row in enumerate(rows):
             pred = preds[str(i)]
-            out.append({"model": a, "id": row["id"], "prompt": row["messages"][:-1],
-                        "prediction": pred["prediction"], "reference": row["answer"]})
+            out.append({"set": dataset, "model": a, "id": row["id"], "prompt": row["messages"][:-1],
+                        "prediction": pred["prediction"], "reference": row["answer"],
+                        **eval_sets.read_back(kind, pred["prediction"], row)})
     return out
+
+
+def prepare_models(args, p: EvalParams, tmp: Path, device: str) -> tuple[list[dict], dict]:
+    """The model entries to score (base, merged, the dequantized AWQ artifact) and notes on them."""
+    models, notes = [], {}
+    for name in dict.fromkeys(p.models):
+        if name == "base":
+            if not (Path(args.base) / "manifest.json").exists():
+                raise StageError(f"{args.base}/manifest.json: not found (run the base stage)")
+            path, load = resolve_base(args.base)
+            models.append({"abbr": "base", "path": path, **load, "tokenizer_path": str(tokenizer_dir(args.base))})
+        elif name == "merged":
+            if not is_hf_model_dir(Path(args.merged)):
+                raise StageError(f"{args.merged}: not a Hugging Face model folder (config.json + *.safetensors)")
+            models.append({"abbr": "merged", "path": args.merged, **load_kwargs(args.merged)})
+        else:
+            artifact = Path(args.turbomind)
+            if not artifact.exists():
+                raise StageError(f"{artifact}: TurboMind artifact not found (run the turbomind stage)")
+            try:
+                notes[TURBOMIND_ABBR] = dequantize_awq(find_awq_dir(artifact), tmp / "models" / TURBOMIND_ABBR,
+                                                       p.turbomind_dtype)
+            except StageError as e:  # recorded, not fatal: the other models are still scored
+                notes["turbomind"] = {"scored": False, "reason": str(e)}
+                print(f"eval: warning: turbomind not scored: {e}", file=sys.stderr)
+                continue
+            dequantized = tmp / "models" / TURBOMIND_ABBR
+            # on a GPU, eval.dtype auto runs it in fp16 (turbomind_dtype) as TurboMind's kernels compute
+            models.append({"abbr": TURBOMIND_ABBR, "path": str(dequantized), **load_kwargs(dequantized),
+                           "dtype": p.turbomind_dtype if device == "cuda" and p.dtype == "auto" else None})
+    if not models:
+        raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")
+    return models, notes
+
+
+def test_sets(test_path: Path, p: EvalParams, base_dir: str) -> dict[str, tuple[str, list[dict]]]:
+    """{set name: (kind, rows)} of the test split's sets that have rows, generative first."""
+    names = [p.dataset, p.mcq.name, p.tool_calls.name, *p.opencompass_datasets]
+    if len(set(names)) < len(names):
+        raise StageError(f"params.yaml: eval: set names must differ (dataset, mcq.name, tool_calls.name, "
+                         f"opencompass_datasets: {names})")
+    records = read_test(test_path)
+    sets = {p.dataset: ("generative", eval_rows(test_path, p.max_samples, records)),
+            p.mcq.name: ("mcq", eval_sets.mcq_rows([r for r in records if eval_sets.kind(r) == "mcq"], p.max_samples)),
+            p.tool_calls.name: ("tool_calls", eval_sets.tool_rows(
+                [r for r in records if eval_sets.kind(r) == "tool_calls"], p.max_samples))}
+    if p.mcq.mode == "ppl" and sets[p.mcq.name][1]:
+        sets[p.mcq.name] = ("mcq", eval_sets.with_ppl_prompts(sets[p.mcq.name][1], load_base_tokenizer(base_dir)))
+    return {name: kind_rows for name, kind_rows in sets.items() if kind_rows[1]}
 
 
 def main() -> None:
@@ -384,63 +449,65 @@ def main() -> None:
     ap.add_argument("--test", default="data/split/test.jsonl")
     ap.add_argument("--out", default="eval")
     ap.add_argument("--metrics", default="metrics/eval.json")
+    ap.add_argument("--scores-plot", default="plots/eval_scores.csv")
     args = ap.parse_args()
     p = load_params("eval", EvalParams)
     if not p.models:
         raise StageError("params.yaml: eval.models is empty")
 
-    rows = eval_rows(Path(args.test), p.max_samples)
+    sets = test_sets(Path(args.test), p, args.base)
+    named, named_abbrs, skipped = eval_sets.named_datasets(p.opencompass_datasets)
+    if not sets and not named:
+        raise StageError(f"{args.test}: no test rows to score, and no OpenCompass dataset with local data")
     device = pick_device(p.device)
     final_dir = Path(args.out)
     with atomic_path(final_dir, is_dir=True) as tmp:
         tmp = tmp.resolve()
-        write_jsonl(tmp / "data" / f"{p.dataset}.jsonl",
-                    [{"id": r["id"], "messages": r["messages"], "answer": r["answer"]} for r in rows])
-
-        models, notes = [], {}
-        for name in dict.fromkeys(p.models):
-            if name == "base":
-                if not (Path(args.base) / "manifest.json").exists():
-                    raise StageError(f"{args.base}/manifest.json: not found (run the base stage)")
-                path, load = resolve_base(args.base)
-                models.append({"abbr": "base", "path": path, **load, "tokenizer_path": str(tokenizer_dir(args.base))})
-            elif name == "merged":
-                if not is_hf_model_dir(Path(args.merged)):
-                    raise StageError(f"{args.merged}: not a Hugging Face model folder (config.json + *.safetensors)")
-                models.append({"abbr": "merged", "path": args.merged, **load_kwargs(args.merged)})
-            else:
-                artifact = Path(args.turbomind)
-                if not artifact.exists():
-                    raise StageError(f"{artifact}: TurboMind artifact not found (run the turbomind stage)")
-                try:
-                    notes[TURBOMIND_ABBR] = dequantize_awq(find_awq_dir(artifact), tmp / "models" / TURBOMIND_ABBR,
-                                                           p.turbomind_dtype)
-                except StageError as e:  # recorded, not fatal: the other models are still scored
-                    notes["turbomind"] = {"scored": False, "reason": str(e)}
-                    print(f"eval: warning: turbomind not scored: {e}", file=sys.stderr)
-                    continue
-                dequantized = tmp / "models" / TURBOMIND_ABBR
-                # on a GPU, eval.dtype auto runs it in fp16 (turbomind_dtype) as TurboMind's kernels compute
-                models.append({"abbr": TURBOMIND_ABBR, "path": str(dequantized), **load_kwargs(dequantized),
-                               "dtype": p.turbomind_dtype if device == "cuda" and p.dtype == "auto" else None})
-
-        if not models:
-            raise StageError(f"no model to score (eval.models: {p.models}; notes: {notes})")
-        # The config names local folders relative to itself. It is written in the temporary
-        # sibling of eval/, so the same relative paths hold once it is renamed into place.
-        write_config(tmp / CONFIG_NAME, final_dir, p, models, device, *stop_words(args.base))
+        for name, (_, rows) in sets.items():
+            write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
+        models, notes = prepare_models(args, p, tmp, device)
         abbrs = [m["abbr"] for m in models]
-        run_dir = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
-        scores = read_summary(run_dir, p.dataset, abbrs)
-        write_jsonl(tmp / "predictions.jsonl", read_predictions(run_dir, p.dataset, abbrs, rows))
+        stops, pad = stop_words(args.base)
+        ppl = p.mcq.name if p.mcq.mode == "ppl" and p.mcq.name in sets else None
+        chat_entries = {name: eval_sets.chat_entry(name, p.max_new_tokens) if kind == "generative"
+                        else eval_sets.tool_entry(p.tool_calls) if kind == "tool_calls"
+                        else eval_sets.mcq_gen_entry(p.mcq, rows)
+                        for name, (kind, rows) in sets.items() if name != ppl}
+        # The configs name local folders relative to themselves. They are written in the temporary
+        # sibling of eval/, so the same relative paths hold once it is renamed into place.
+        metrics, predictions, runs = {}, [], {}
+        if chat_entries or named:
+            write_config(tmp / CONFIG_NAME, final_dir, p, models, device, stops, pad,
+                         "".join(chat_entries.values()) + eval_sets.named_entries(named))
+            runs[CONFIG_NAME] = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
+        if ppl:
+            write_config(tmp / PPL_CONFIG_NAME, final_dir, p, models, device, stops, pad,
+                         eval_sets.mcq_ppl_entry(p.mcq, sets[ppl][1], stops[0]), PPL_MODEL, PPL_RUN_NAME)
+            runs[PPL_CONFIG_NAME] = run_opencompass(tmp / PPL_CONFIG_NAME, cwd=tmp, run_name=PPL_RUN_NAME)
+        for name, (kind, rows) in sets.items():
+            run_dir = runs[PPL_CONFIG_NAME if name == ppl else CONFIG_NAME]
+            metrics[name] = read_summary(run_dir, name, abbrs)
+            predictions += read_predictions(run_dir, name, abbrs, rows, kind)
+        for name, dataset_abbrs in named_abbrs.items():
+            metrics[name] = read_summary(runs[CONFIG_NAME], dataset_abbrs, abbrs)
+        metrics.update({name: {"skipped": reason} for name, reason in skipped.items()})
+        write_jsonl(tmp / "predictions.jsonl", predictions)
+        write_jsonl(tmp / "predictions_by_sample.jsonl", eval_sets.by_sample(predictions))
         write_json(tmp / "summary.json", {
-            "dataset": p.dataset, "test_rows": len(rows), "models": abbrs, "scores": scores,
-            "opencompass_run": run_dir.relative_to(tmp).as_posix(), "notes": notes, "device": device,
-            "batch_size": p.batch_size})
+            "dataset": p.dataset, "test_rows": len(sets.get(p.dataset, ("", []))[1]), "models": abbrs,
+            "sets": {name: {"kind": kind, "rows": len(rows)} for name, (kind, rows) in sets.items()},
+            "scores": metrics, "skipped": skipped, "notes": notes, "device": device, "batch_size": p.batch_size,
+            "opencompass_runs": {config: run.relative_to(tmp).as_posix() for config, run in runs.items()}})
 
-    write_json(args.metrics, {p.dataset: scores})
-    for a in abbrs:
-        print(f"eval: {p.dataset} {a}: " + ", ".join(f"{k}={v:.2f}" for k, v in scores[a].items()))
+    write_json(args.metrics, metrics)
+    with atomic_path(args.scores_plot) as plot, open(plot, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["metric", "model", "score"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(eval_sets.score_rows(metrics))
+    for name, by_model in metrics.items():
+        for a, scores in by_model.items():
+            print(f"eval: {name} {a}: " + (", ".join(f"{k}={v:.2f}" for k, v in scores.items())
+                                           if isinstance(scores, dict) else f"{scores}"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ charset-normalizer: GB18030/GBK, Big5, ...), JSON arrays, JSON lines (also in ".
 docx exam papers (question and answer blocks; python-docx) and plain-text corpora.
 Formats: table (a column mapping), alpaca, sharegpt (with tools and function_call/observation
 turns), messages (OpenAI), xtuner (conversation of system/input/output), preference
-(chosen/rejected) and text (continued pretraining). `format: auto` (the default) detects the format
+(chosen/rejected), mcq (multiple-choice questions from columns, JSON fields or text blocks;
+stages/mcq.py) and text (continued pretraining). `format: auto` (the default) detects the format
 and the column mapping where that is unambiguous, and says what it detected.
 
 Canonical record, one JSON object a line (stages/records.py describes the optional keys):
@@ -30,22 +31,25 @@ from typing import Any, Callable, Iterator, Literal
 
 import orjson
 
+from stages import mcq
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.records import append_file, in_forked_shares, no_cycle_collection, record_id, spans_of_share
 
-FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text")
+FORMATS = ("table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "mcq", "text")
 CONTAINERS = {".xlsx": "xlsx", ".xlsm": "xlsx", ".xls": "xlsx", ".ods": "xlsx", ".csv": "csv", ".tsv": "csv",
               ".json": "json", ".jsonl": "json", ".ndjson": "json", ".docx": "docx", ".txt": "text", ".md": "text"}
 
 
 class Source(Params):
     path: str
-    format: Literal["auto", "table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "text"] = "auto"
+    format: Literal["auto", "table", "alpaca", "sharegpt", "messages", "xtuner", "preference", "exam", "mcq",
+                    "text"] = "auto"
     encoding: str = "auto"                      # auto: csv/txt BOM, UTF-8, else detected; JSON BOM or UTF-8
     sheet: str | int | None = None              # xlsx: sheet name or 0-based index; default the first
     delimiter: str | None = None                # csv: default sniffed from the header line (, tab ; |)
     question: str | list[str] | None = None     # table: column(s) of the user turn; default detected
     answer: str | None = None                   # table: column of the assistant turn; default detected
+    options: list[str] | None = None            # mcq table: the option columns in letter order; default A, B, ...
     system: str | None = None                   # a system prompt for every row of this source
     system_column: str | None = None            # table: a column holding each row's system prompt
     meta: dict[str, str] | None = None          # meta key -> column; default: every column not mapped
@@ -370,6 +374,21 @@ def read_docx(src: Source, info: dict, limit: int) -> Iterator[tuple[int, dict]]
                          "section": b["section"]}
 
 
+def text_lines(src: Source, info: dict) -> list[str]:
+    """A text file's lines (a docx file's paragraphs), for multiple-choice blocks."""
+    if Path(src.path).suffix.lower() == ".docx":
+        import docx
+
+        try:
+            return [p.text for p in docx.Document(src.path).paragraphs]
+        except Exception as e:  # python-docx raises several types for a corrupt or non-docx file
+            raise StageError(f"{src.path}: cannot open as docx ({e.__class__.__name__}: {e})") from None
+    text, info["encoding"] = decode(src.path, Path(src.path).read_bytes(), src.encoding)
+    if not text.strip():
+        raise StageError(f"{src.path}: the file is empty")
+    return text.lstrip("\ufeff").splitlines()
+
+
 def read_text(src: Source, info: dict) -> Iterator[tuple[int, dict]]:
     """A plain-text corpus for continued pretraining: lines packed into chunks of at most
     chunk_chars (a longer line is a chunk of its own), numbered by their first line."""
@@ -405,6 +424,14 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 def detect_table(src: Source, header: list[str]) -> tuple[str, dict]:
     """The mapping of a table: named in params, or the one obvious question and answer column."""
     lower = {h.casefold(): h for h in header if h}
+    if src.format in ("auto", "mcq"):
+        choice = mcq.detect_mapping(header, src.question, src.answer, src.options)
+        if choice is not None and (src.format == "mcq" or src.options or mcq.option_columns(header)):
+            return "mcq", choice
+        if src.format == "mcq":
+            raise StageError(f"{src.path}: cannot find the question, option (A, B, ...) and answer columns of a "
+                             f"multiple-choice table (columns: {', '.join(header)}); set question:, options: "
+                             "and answer: for this source in params.yaml ingest.sources")
     if src.question is not None or src.answer is not None:
         if src.question is None or src.answer is None:
             raise StageError(f"{src.path}: set both question and answer columns in ingest.sources (or neither)")
@@ -437,12 +464,21 @@ def detect_json(src: Source, row: Any, where: str) -> str:
         return "alpaca"
     if k("text") in keys and len(keys - {k("text"), "id", "meta", "source"}) == 0:
         return "text"
+    if mcq_mapping(src, row) is not None:
+        return "mcq"
     lower = {key.casefold() for key in keys}
     if any(n in lower for n in QUESTION_NAMES) and any(n in lower for n in ANSWER_NAMES):
         return "table"
     raise StageError(f"{where}: cannot detect the format from keys {sorted(keys)} (expected conversations, "
                      "messages, conversation, instruction/output, chosen/rejected or question/answer); "
                      "set format: (and fields: to rename keys) for this source in params.yaml ingest.sources")
+
+
+def mcq_mapping(src: Source, row: dict) -> dict | None:
+    """A JSON object's multiple-choice keys (question, options or A/B/..., answer), renamed by fields:."""
+    given = {name: src.fields.get(name) for name in ("question", "options", "answer")}
+    return mcq.detect_mapping(list(row), given["question"] or src.question, given["answer"] or src.answer,
+                              src.options or given["options"])
 
 
 def text_field(row: dict, key: str, column: str, limit: int, required: bool = True) -> str:
@@ -639,6 +675,21 @@ def converter(fmt: str, src: Source, mapping: dict, limit: int) -> Callable[[dic
         def convert(row: dict) -> Converted:
             messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
             return source_system() + messages, {}, {"section": row["section"]} if row["section"] else {}
+    elif fmt == "mcq":
+        question, options, answer = mapping["question"], mapping["options"], mapping["answer"]
+        used = {question, answer, *(options if isinstance(options, list) else [options])}
+
+        def convert(row: dict) -> Converted:
+            if isinstance(options, list):
+                texts = [text_field(row, c, c, limit, required=False) for c in options]
+            else:
+                texts = [check_size(t, options, limit) for t in mcq.options_of(row.get(options), options)]
+            try:
+                messages, extra = mcq.record_parts(text_field(row, question, question, limit), texts,
+                                                   text_field(row, answer, answer, limit), answer)
+            except mcq.McqProblem as e:
+                raise RowProblem(e.column, e.message) from None
+            return source_system() + messages, extra, meta_of(row, used)
     elif fmt == "text":
         text_key = k("text")
 
@@ -695,11 +746,11 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
     if container in ("xlsx", "csv"):
         header, rows = read_xlsx(src, info) if container == "xlsx" else read_csv(src, info, limit)
         fmt, mapping = ("alpaca", {}) if src.format == "alpaca" else detect_table(src, header)
-        if src.format not in ("auto", "table", "alpaca"):
+        if src.format not in ("auto", "table", "alpaca", "mcq"):
             raise StageError(f"{src.path}: format '{src.format}' needs JSON; a {container} file is read as a "
                              "table (format: table with question/answer columns, or alpaca)")
         needed = (mapping["question"] if isinstance(mapping.get("question"), list) else [mapping.get("question")]) + [
-            mapping.get("answer"), src.system_column, *(src.meta or {}).values()]
+            mapping.get("answer"), src.system_column, *(src.meta or {}).values(), *(mapping.get("options") or [])]
         if fmt == "alpaca":
             needed = [mapping.get(k) or src.fields.get(k, k) for k in ("instruction", "output")] + [
                 mapping.get("input"), *(src.meta or {}).values()]
@@ -728,7 +779,22 @@ def open_source(src: Source, limit: int = 100_000, sheet_in_source: bool = False
             header = list(first) if isinstance(first, dict) else []
             fmt, mapping = detect_table(src, header)
             info["mapping"] = mapping
+        elif fmt == "mcq":
+            info["mapping"] = mcq_mapping(src, first) if isinstance(first, dict) else None
+            if info["mapping"] is None:
+                raise StageError(f"{src.path}: {unit} {number}: no multiple-choice question, options and answer keys "
+                                 f"in {sorted(first) if isinstance(first, dict) else type(first).__name__}; "
+                                 "set fields: (e.g. {question: stem, options: choices, answer: label})")
         info["format"] = fmt
+    elif src.format == "mcq" or (container == "text" and src.format == "auto"
+                                 and mcq.looks_like_blocks(lines := text_lines(src, info))):
+        info["format"] = fmt = "mcq"
+        lines = text_lines(src, info) if src.format == "mcq" else lines
+        unit, rows = ("paragraph" if container == "docx" else "line"), mcq.read_blocks(lines)
+        if not rows:
+            raise StageError(f"{src.path}: no multiple-choice blocks found ('1. question', 'A. option' lines, "
+                             "'answer: B' or '答案：B')")
+        info["mapping"] = {"question": "question", "options": "options", "answer": "answer"}
     elif container == "docx":
         info["format"] = fmt = "exam"
         unit, rows = "paragraph", list(read_docx(src, info, limit))

@@ -4,7 +4,9 @@ A canonical record, one JSON object a line:
   {"id": content hash, "source": {"file", "row"}, "messages": [{"role", "content"}, ...], "meta": {...}}
 with optional keys: "tools" (the functions offered, OpenAI style), "rejected" (a preference pair's
 rejected assistant message; "messages" ends with the chosen one), "text" (a continued-pretraining
-chunk; "messages" is then empty) and, after clean, "group" (the id of the record it near-duplicates).
+chunk; "messages" is then empty), "mcq" (a multiple-choice question: {"options": [texts in letter
+order], "answer": letter}; "messages" asks it with its options and answers with the letter;
+stages/mcq.py) and, after clean, "group" (the id of the record it near-duplicates).
 Assistant messages that call a tool keep the call as JSON text in "content" (so the chat template
 renders it) and structured in "tool_calls"; tool results are messages with role "tool".
 

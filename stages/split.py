@@ -47,6 +47,9 @@ class SplitParams(Params):
     stratify: str | None = None         # a field such as meta.question_type or source.file
     min_stratum: int = 10               # smaller strata are pooled (a stratum of 3 can't be split 80/10/10)
     mix: list[Mix] = []
+    # sources (globs, as in ingest.sources) whose rows all go to test: exam papers and tool-call
+    # checks that are scored, never trained on
+    held_out: list[str] = []
 
 
 def field(record: dict, path: str) -> str:
@@ -318,6 +321,9 @@ def main() -> None:
         rows = Rows(args.records, p.stratify)
         corpus, chats = np.flatnonzero(~rows.chat), np.flatnonzero(rows.chat)
         chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, chats[:0], {})
+        held = np.isin(rows.label[chats], [code for code, label in enumerate(rows.labels)
+                                           if any(fnmatch.fnmatch(label, g) for g in p.held_out)])
+        test_only, chats = chats[held], chats[~held]
 
         names = groups_of(rows, chats)
         groups, first = np.unique(names, return_index=True)  # each group's name, and its first row
@@ -345,6 +351,7 @@ def main() -> None:
             raise StageError(f"{args.records}: too few records ({len(chats)}) for a train/val/test split "
                              f"with val_ratio {p.val_ratio} and test_ratio {p.test_ratio}")
 
+        splits["test"] = np.concatenate([splits["test"], test_only])
         out = Path(args.out)
         for name, members in splits.items():
             write_rows(out / f"{name}.jsonl", members, rows.lines_of)
@@ -361,7 +368,7 @@ def main() -> None:
                        | np.isin(rows.group[held_out], train_groups)).sum())
         assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) == len(rows.lines), "split lost rows"
         metrics = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "leakage_rows": leakage,
-                   "corpus_rows": len(corpus), "mixed_out_rows": len(mixed_out),
+                   "corpus_rows": len(corpus), "mixed_out_rows": len(mixed_out), "held_out_rows": len(test_only),
                    "rows_per_source": {name: rows.per_source(v) for name, v in splits.items()}}
         if achieved:
             metrics["mix"] = {src: {"rows": n, "share": round(n / max(1, len(chats)), 4)}
