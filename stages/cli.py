@@ -2,6 +2,7 @@
 
   tunepipe inspect FILE... [--json] [--format F] [--sheet S] [--encoding E] [--question COL] [--answer COL]
                            [-S section.key=value ...] [--params params.yaml] [--judge]
+  tunepipe check-params [--params params.yaml]   (contradictions between sections: stages/params_check.py)
 
 `inspect` runs the pipeline's own ingest and clean code on files outside the pipeline and prints,
 per file, the detected container, encoding, format and column mapping, the counts (rows read =
@@ -142,6 +143,18 @@ def print_report(r: dict) -> None:
         print(f"    {r['unit']} {s['row']}: {short(body)}")
 
 
+def check_params_command(path: Path) -> None:
+    from stages.params_check import check_params_file
+
+    try:
+        check_params_file(path)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{path}: no contradictions between sections")
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -159,7 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                      help="override a param, e.g. -S clean.near_duplicates.threshold=0.9")
     ins.add_argument("--judge", action="store_true", help="run the LLM judge if clean.judge.enabled")
     ins.add_argument("--judge-cache", default="data/judge/cache.jsonl")
+    chk = sub.add_parser("check-params", help="find contradictions between params.yaml sections (exit 1 if any)")
+    chk.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
+    if args.command == "check-params":
+        check_params_command(args.params)
 
     try:
         ingest, clean_section = load_sections(args.params, args.overrides)

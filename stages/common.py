@@ -96,13 +96,17 @@ def load_params(section: str, schema: type[P], path: Path | None = None) -> P:
     if section not in everything:
         raise StageError(f"{path}: section '{section}' is missing")
     try:
-        return schema.model_validate(everything[section])
+        validated = schema.model_validate(everything[section])
     except ValidationError as e:
         problems = []
         for err in e.errors():
             key = ".".join([section, *map(str, err["loc"])])
             problems.append(f"{path}: {key}: {err['msg']}")
         raise StageError("\n".join(problems)) from None
+    from stages.params_check import check_params  # here: it imports StageError from this module
+
+    check_params(everything, path)  # contradictions between sections stop every stage before its work
+    return validated
 
 
 def run_stage(main) -> None:
