@@ -8,7 +8,6 @@ module, and torch only when a setting asks for CUDA. `tunepipe check-params` run
 """
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 
 from stages.common import StageError
@@ -61,13 +60,6 @@ def split_problems(everything: dict) -> list[str]:
     shares = [_number(m.get("share")) for m in split.get("mix") or [] if isinstance(m, dict)]
     if sum(s for s in shares if s is not None) > 1:
         problems.append(f"split.mix[*].share sum to {sum(s for s in shares if s is not None):g}: at most 1")
-    sources = [str(s.get("path", "")) for s in _section(everything, "ingest").get("sources") or []
-               if isinstance(s, dict)]
-    for n, rule in enumerate(split.get("mix") or []):
-        pattern = str(rule.get("source", "")) if isinstance(rule, dict) else ""
-        if pattern and not any(fnmatch.fnmatch(path, pattern) for path in sources):
-            problems.append(f"split.mix[{n}].source '{pattern}' matches no ingest.sources[*].path "
-                            f"({', '.join(sources) or 'none'})")
     return problems
 
 
