@@ -6,6 +6,7 @@ environments (core, xtuner, lmdeploy, opencompass) and every one of them imports
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -134,8 +135,49 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
         elif final.exists() or final.is_symlink():
             final.unlink()
         os.replace(target, final)
+    except Exception as e:
+        if is_disk_full(e):
+            shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space below counts what it held
+            raise StageError(f"{final}: disk full while writing it ({free_space(final.parent)} free in "
+                             f"{final.parent}); nothing was written: free space and rerun") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, as an OSError or as the message of a library that wraps it (safetensors' Rust
+    "No space left on device (os error 28)", torch's "file write failed")."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def free_space(folder: Path) -> str:
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its user part (scheme://user:password@host) shown as ***, for
+    printing and logging tracking and endpoint URIs; anything else unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(uri))
+        password = parts.password
+    except ValueError:  # not a URI (e.g. an unbalanced [ in the host): nothing we can tell apart
+        return str(uri)
+    if not password:
+        return str(uri)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -42,7 +42,7 @@ from typing import Literal
 
 import yaml
 
-from stages.common import Params, StageError, load_params, read_jsonl, resolve_base, run_stage, write_json
+from stages.common import Params, StageError, load_params, read_jsonl, redact_uri, resolve_base, run_stage, write_json
 from stages.dvc_hashes import dvc_md5, lock_hashes
 
 MODEL_CODE = Path(__file__).with_name("registered_model.py")  # the pyfunc model, logged as code
@@ -94,6 +94,7 @@ def main() -> None:
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", p.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+    tracking_uri = redact_uri(tracking_uri)  # from here only recorded (registry/record.json, git) and printed
     mlflow.set_experiment(p.experiment)
     all_params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
     metrics = {}

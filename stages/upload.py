@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.common import Params, StageError, atomic_path, load_params, redact_uri, run_stage, write_json
 from stages.dvc_hashes import dvc_md5, lock_hashes
 
 
@@ -121,7 +121,7 @@ def main() -> None:
         version = MlflowClient().get_model_version(record["model_name"], str(record["version"]))
     except MlflowException:
         raise StageError(f"{record['model_name']} version {record['version']} is not registered in "
-                         f"{mlflow.get_tracking_uri()}: refusing to upload an unregistered model") from None
+                         f"{redact_uri(mlflow.get_tracking_uri())}: refusing to upload an unregistered model") from None
     if version.run_id != record["run_id"]:
         raise StageError(f"{record['model_uri']} belongs to run {version.run_id}, not {record['run_id']}: refusing")
 
