@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -125,9 +127,11 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
     so a killed stage never leaves a half-written output for DVC to cache."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs should read like any other folder
     target = tmp if is_dir else tmp / final.name
+    reap_if_killed(tmp)
     try:
         yield target
         if final.is_dir() and not final.is_symlink():
@@ -143,6 +147,57 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        reap_if_killed(tmp, done=True)
+
+
+# Temporaries of atomic_path are named .<out name>.tmp-<pid>-<random>, beside the out.
+TEMP_MARK = ".tmp-"
+_REAPER_CODE = """
+import shutil, sys
+paths = set()
+for line in sys.stdin:
+    (paths.add if line[0] == "+" else paths.discard)(line[1:-1])
+for path in paths:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+_reaper: subprocess.Popen | None = None
+
+
+def reap_if_killed(tmp: Path, done: bool = False) -> None:
+    """Tell this process's reaper about a temporary (or that it is gone). The reaper is a tiny
+    process of its own session that removes what is still listed once this process dies, by
+    SIGKILL or the OOM killer included: after such a death DVC often restores the out from its
+    run-cache instead of rerunning the stage, and the temporary would stay beside the out."""
+    global _reaper
+    try:
+        if _reaper is None or _reaper.poll() is not None:
+            if done:
+                return
+            _reaper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER_CODE], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                       start_new_session=True)
+        _reaper.stdin.write(f"{'-' if done else '+'}{tmp}\n")
+        _reaper.stdin.flush()
+    except OSError:  # no reaper (e.g. no process to spare): remove_stale_temps still tidies on the next run
+        pass
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Temporaries of `final` whose process is gone (a machine that lost power kills the reaper too)."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}{TEMP_MARK}*"):
+        pid = stale.name[len(final.name) + 1 + len(TEMP_MARK):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
 
 
 def is_disk_full(error: BaseException) -> bool:
