@@ -35,8 +35,6 @@ PLAN = {"short": {"stages": ["ingest", "clean", "split", "base"], "moments": 1},
 TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-")  # stages/common.py atomic_path's temporaries
 DVC = ".venvs/core/bin/dvc"
 
-pytestmark = [pytest.mark.faults,
-              pytest.mark.skipif(MODE not in PLAN, reason=f"TUNEPIPE_FAULTS={MODE}: fault injection off")]
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -168,6 +166,47 @@ def temporaries(root: Path) -> list[str]:
     return found
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from stages.common import atomic_path
+with atomic_path(sys.argv[1], is_dir=True) as tmp:
+    (tmp / "weights.bin").write_bytes(b"half")
+    print(tmp.name, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writer_leaves_no_temporary(tmp_path):
+    """The reaper removes the temporary of a SIGKILLed writer; nothing replaces the old out."""
+    out = tmp_path / "models" / "merged"
+    out.mkdir(parents=True)
+    (out / "weights.bin").write_bytes(b"old")
+    result = subprocess.run([str(REPO / ".venvs/core/bin/python"), "-c", KILLED_WRITER, str(out)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL and TEMP_NAME.match(result.stdout.strip())
+    for _ in range(200):  # the reaper notices the death within milliseconds
+        if sorted(p.name for p in out.parent.iterdir()) == ["merged"]:
+            break
+        time.sleep(0.01)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+    assert (out / "weights.bin").read_bytes() == b"old"
+
+
+def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
+    from stages.common import write_json
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    stale = tmp_path / f".record.json.tmp-{gone.pid}-abcd1234"
+    stale.mkdir()
+    live = tmp_path / f".record.json.tmp-{os.getpid()}-efgh5678"  # this process: alive, kept
+    live.mkdir()
+    write_json(tmp_path / "record.json", {"ok": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "record.json"]
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(MODE not in PLAN, reason=f"TUNEPIPE_FAULTS={MODE}: fault injection off")
 def test_killed_stages_recover(tmp_path):
     plan = PLAN[MODE]
     root = fresh_checkout(tmp_path / "checkout")
