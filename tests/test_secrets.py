@@ -73,7 +73,8 @@ def test_canary_never_leaks_from_a_full_run(tmp_path, monkeypatch):
                             text=True, check=True).stdout.split()
     for must in ["dvc.lock", "registry/record.json", "metrics/clean.json"]:
         assert must in listed
-    written = [p for p in ["mlflow.db", "mlruns", ".dvc/cache", "dvc.lock", "data/judge/cache.jsonl", "eval"]
-               if (root / p).exists()]
-    assert {"mlflow.db", "mlruns", ".dvc/cache", "dvc.lock"} <= set(written), written  # what the search covers
+    written = {p for p in ["mlflow.db", "mlruns", "mlartifacts", ".dvc/cache", "dvc.lock", "data/judge/cache.jsonl"]
+               if (root / p).exists()}
+    assert {"mlflow.db", ".dvc/cache", "dvc.lock", "data/judge/cache.jsonl"} <= written, written  # what is searched
+    assert written & {"mlruns", "mlartifacts"}, written  # MLflow's artifact folder
     assert files_with(root, CANARY.encode()) == []
