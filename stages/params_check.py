@@ -44,7 +44,7 @@ def device_problems(everything: dict, has_cuda) -> list[str]:
         if section.get("device") == "cuda":
             wants.append(f"{name}.device: cuda needs CUDA")
     if tm.get("dtype") == "bfloat16" and tm.get("device", "auto") == "auto":
-        wants.append("turbomind.dtype: bfloat16 needs CUDA, and turbomind.device: auto resolves to cpu (use float16)")
+        wants.append("turbomind.dtype: bfloat16 with turbomind.device: auto needs CUDA (float16 runs on a CPU)")
     if not wants or has_cuda():
         return []
     return [f"{w}, but no CUDA GPU is visible on this machine" for w in wants]
