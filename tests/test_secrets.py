@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from stages.common import redact_uri
 
-CANARY = "tpcanary-7f3a9c1e5b2d4f60"
+CANARY = "tpcanary-" + uuid.uuid4().hex  # made per run: this file (copied into the run) must not contain it
 JUDGE_KEY_ENV = "TUNEPIPE_JUDGE_API_KEY"  # params.yaml clean.judge.api_key_env
 
 
