@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from stages.common import Params, StageError, atomic_path
+from stages.common import Params, StageError, atomic_path, redact_uri
 
 DEFAULT_JUDGE_PROMPT = (
     "You grade training data for a domain assistant. Rate how correct, helpful and safe the "
@@ -55,6 +55,7 @@ def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter
 
     keys = [hashlib.sha256(orjson.dumps([j.model, j.prompt, conversation(r)])).hexdigest() for r in records]
     url = j.url.rstrip("/") + "/chat/completions"
+    shown = redact_uri(url)  # what errors print: the URL without a password in it
 
     def ask(key_and_record: tuple[str, dict]) -> dict:
         key, record = key_and_record
@@ -71,12 +72,12 @@ def judge_scores(records: list[dict], j: Judge, cache_path: Path, stats: Counter
                 break
             except urllib.error.HTTPError as e:
                 if attempt == j.retries or e.code not in (429, 500, 502, 503, 504):
-                    raise StageError(f"clean.judge: {url} answered HTTP {e.code} ({e.read()[:200]!r})") from None
+                    raise StageError(f"clean.judge: {shown} answered HTTP {e.code} ({e.read()[:200]!r})") from None
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 if attempt == j.retries:
-                    raise StageError(f"clean.judge: {url} unreachable ({getattr(e, 'reason', e)})") from None
+                    raise StageError(f"clean.judge: {shown} unreachable ({getattr(e, 'reason', e)})") from None
             except (KeyError, IndexError, TypeError, orjson.JSONDecodeError):
-                raise StageError(f"clean.judge: {url} did not answer like an OpenAI chat completion") from None
+                raise StageError(f"clean.judge: {shown} did not answer like an OpenAI chat completion") from None
         number = re.search(r"\d+(?:\.\d+)?", reply)
         return {"key": key, "score": float(number[0]) if number else None, "reply": reply[:200]}
 

@@ -8,6 +8,7 @@ which folders they take and how). The rest of this page is `inspect`:
 
   tunepipe inspect FILE... [--json] [--format F] [--sheet S] [--encoding E] [--question COL] [--answer COL]
                            [-S section.key=value ...] [--params params.yaml] [--judge]
+  tunepipe check-params [--params params.yaml]   (contradictions between sections: stages/params_check.py)
 
 `inspect` runs the pipeline's own ingest and clean code on files outside the pipeline and prints,
 per file, the detected container, encoding, format and column mapping, the counts (rows read =
@@ -224,6 +225,18 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 1
 
 
+def check_params_command(path: Path) -> None:
+    from stages.params_check import check_params_file
+
+    try:
+        check_params_file(path)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{path}: no contradictions between sections")
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -246,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("reproduce", help="check that a registered model version rebuilds from git, MLflow and the DVC remote",
                          description=reproduce_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_reproduce_arguments(rep)
+    chk = sub.add_parser("check-params", help="find contradictions between params.yaml sections (exit 1 if any)")
+    chk.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
+    if args.command == "check-params":
+        check_params_command(args.params)
     if args.command in ("chat", "serve"):
         run_model_command(args)
         return

@@ -6,11 +6,14 @@ environments (core, xtuner, lmdeploy, opencompass) and every one of them imports
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -96,13 +99,17 @@ def load_params(section: str, schema: type[P], path: Path | None = None) -> P:
     if section not in everything:
         raise StageError(f"{path}: section '{section}' is missing")
     try:
-        return schema.model_validate(everything[section])
+        validated = schema.model_validate(everything[section])
     except ValidationError as e:
         problems = []
         for err in e.errors():
             key = ".".join([section, *map(str, err["loc"])])
             problems.append(f"{path}: {key}: {err['msg']}")
         raise StageError("\n".join(problems)) from None
+    from stages.params_check import check_params  # here: it imports StageError from this module
+
+    check_params(everything, path)  # contradictions between sections stop every stage before its work
+    return validated
 
 
 def run_stage(main) -> None:
@@ -120,9 +127,11 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
     so a killed stage never leaves a half-written output for DVC to cache."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs should read like any other folder
     target = tmp if is_dir else tmp / final.name
+    reap_if_killed(tmp)
     try:
         yield target
         if final.is_dir() and not final.is_symlink():
@@ -130,8 +139,100 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
         elif final.exists() or final.is_symlink():
             final.unlink()
         os.replace(target, final)
+    except Exception as e:
+        if is_disk_full(e):
+            shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space below counts what it held
+            raise StageError(f"{final}: disk full while writing it ({free_space(final.parent)} free in "
+                             f"{final.parent}); nothing was written: free space and rerun") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        reap_if_killed(tmp, done=True)
+
+
+# Temporaries of atomic_path are named .<out name>.tmp-<pid>-<random>, beside the out.
+TEMP_MARK = ".tmp-"
+_REAPER_CODE = """
+import shutil, sys
+paths = set()
+for line in sys.stdin:
+    (paths.add if line[0] == "+" else paths.discard)(line[1:-1])
+for path in paths:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+_reaper: subprocess.Popen | None = None
+
+
+def reap_if_killed(tmp: Path, done: bool = False) -> None:
+    """Tell this process's reaper about a temporary (or that it is gone). The reaper is a tiny
+    process of its own session that removes what is still listed once this process dies, by
+    SIGKILL or the OOM killer included: after such a death DVC often restores the out from its
+    run-cache instead of rerunning the stage, and the temporary would stay beside the out."""
+    global _reaper
+    try:
+        if _reaper is None or _reaper.poll() is not None:
+            if done:
+                return
+            _reaper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER_CODE], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                       start_new_session=True)
+        _reaper.stdin.write(f"{'-' if done else '+'}{tmp}\n")
+        _reaper.stdin.flush()
+    except OSError:  # no reaper (e.g. no process to spare): remove_stale_temps still tidies on the next run
+        pass
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Temporaries of `final` whose process is gone (a machine that lost power kills the reaper too)."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}{TEMP_MARK}*"):
+        pid = stale.name[len(final.name) + 1 + len(TEMP_MARK):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, as an OSError or as the message of a library that wraps it (safetensors' Rust
+    "No space left on device (os error 28)", torch's "file write failed")."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def free_space(folder: Path) -> str:
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its user part (scheme://user:password@host) shown as ***, for
+    printing and logging tracking and endpoint URIs; anything else unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(uri))
+        password = parts.password
+    except ValueError:  # not a URI (e.g. an unbalanced [ in the host): nothing we can tell apart
+        return str(uri)
+    if not password:
+        return str(uri)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

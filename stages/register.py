@@ -39,13 +39,13 @@ import subprocess
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
-from stages.common import Params, StageError, load_params, read_jsonl, resolve_base, run_stage, write_json
+from stages.common import Params, StageError, load_params, read_jsonl, redact_uri, resolve_base, run_stage, write_json
 from stages.dvc_hashes import dvc_md5, lock_hashes
 from stages.promotion import GateParams, Outcome, decide, eval_scores, gate_tags, summary, tag_scores
 
@@ -100,14 +100,14 @@ def main() -> None:
     try:
         record = register_once(args, p, tracking_uri, facts)
     except (MlflowException, RequestException) as e:
-        raise StageError(f"MLflow tracking server {redacted(tracking_uri)} failed during registration "
+        raise StageError(f"MLflow tracking server {redact_uri(tracking_uri)} failed during registration "
                          f"({scrubbed(first_line(e), tracking_uri)}): no version was completed; rerun register when "
                          f"it answers (an interrupted registration is completed, not duplicated)") from None
     write_json(args.out, record)
     print(f"register: {record['gate_summary']}")
     print(f"register: run {record['run_id']}, {p.model_name} version {record['version']} @{p.alias}"
           f"{' @' + p.champion_alias if record['gate'] == 'pass' else ''} "
-          f"({p.log_weights} logged; {redacted(tracking_uri)})")
+          f"({p.log_weights} logged; {redact_uri(tracking_uri)})")
 
 
 def gather(args, p: RegisterParams) -> dict:
@@ -165,7 +165,7 @@ def register_once(args, p: RegisterParams, tracking_uri: str, facts: dict) -> di
     outcomes = [Outcome(k.removeprefix("gate."), *v.split(": ", 1)) for k, v in sorted(tags.items())
                 if k.startswith("gate.") and k not in ("gate.decision", "gate.champion_before")]
     before = tags.get("gate.champion_before")
-    return {"run_id": version.run_id, "experiment": p.experiment, "tracking_uri": redacted(tracking_uri),
+    return {"run_id": version.run_id, "experiment": p.experiment, "tracking_uri": redact_uri(tracking_uri),
             "model_name": p.model_name, "version": int(version.version), "alias": p.alias,
             "model_uri": f"models:/{p.model_name}/{version.version}", "gate": "pass" if passed else "fail",
             "gate_summary": summary(passed, outcomes, None if before in (None, "none") else before),
@@ -234,17 +234,8 @@ def check_reachable(tracking_uri: str) -> None:
     try:
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=10).raise_for_status()
     except RequestException as e:
-        raise StageError(f"MLflow tracking server {redacted(tracking_uri)} is unreachable "
+        raise StageError(f"MLflow tracking server {redact_uri(tracking_uri)} is unreachable "
                          f"({scrubbed(first_line(e), tracking_uri)}): nothing was registered") from None
-
-
-def redacted(uri: str) -> str:
-    """The URI with any password replaced by ***, for messages and records."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def scrubbed(text: str, uri: str) -> str:
