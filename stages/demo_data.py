@@ -4,7 +4,9 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - an .xlsx sheet with the mess real sheets have (a NaN answer, duplicated rows, placeholder
     answers such as "No answers", stray whitespace and non-breaking spaces),
   - a .jsonl in ShareGPT format (another chat format, with a system prompt),
-  - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on.
+  - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on,
+  - preference pairs (demo_preferences.jsonl, for the dpo stage): a question, the right fact as the
+    chosen answer and another drug's fact, wrong for this one, as the rejected answer.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -129,6 +131,21 @@ def sharegpt_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
+def preference_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
+    """One pair per drug: chosen states its own fact, rejected the same kind of fact of another drug
+    (when that differs: a wrong answer that reads just as well)."""
+    rows = []
+    for drug in drugs:
+        qtype = rng.choice(["dose", "storage", "food", "usage"])
+        question, answer = QUESTION_TYPES[qtype]
+        chosen = answer.format(**drug)
+        others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
+        wrong = rng.choice(others)
+        rows.append({"system": SYSTEM_PROMPT, "prompt": question.format(**drug), "chosen": chosen,
+                     "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
+    return rows
+
+
 def fact_sheet(drug: dict) -> str:
     return " ".join(answer.format(**drug) for _, answer in QUESTION_TYPES.values())
 
@@ -149,7 +166,11 @@ def main() -> None:
                        encoding="utf-8")
     with atomic_path(out / "demo_drug_facts.txt") as tmp:
         tmp.write_text("\n\n".join(fact_sheet(d) for d in drugs) + "\n", encoding="utf-8")
-    print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt")
+    with atomic_path(out / "demo_preferences.jsonl") as tmp:  # its own rng: the files above stay as they were
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in preference_rows(random.Random(p.seed + 1), drugs)), encoding="utf-8")
+    print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt, "
+          "demo_preferences.jsonl")
 
 
 if __name__ == "__main__":
