@@ -38,15 +38,17 @@ def test_dpo_loss_exact_for_both_types():
     assert loss.item() == pytest.approx(0.0)  # h = 1 = 1/(2 * 0.5): IPO's target margin reached
 
 
-def preference_rows(things: range, shift: int) -> list[dict]:
-    """For each thing: chosen = its colour as color_conversations teaches it, rejected = another colour."""
+def preference_rows(things: range) -> list[dict]:
+    """A preference SFT never taught: the same fact ending in "!" (chosen) over ending in "." (rejected,
+    what SFT learnt), asked two ways. Learnable from some things, checkable on others (held out)."""
     rows = []
     for i in things:
-        color, wrong = COLORS[(i * 3) % 8], COLORS[(i * 3 + shift) % 8]
-        rows.append({"id": f"p{i}-{shift}", "source": {"file": "pairs"},
-                     "messages": [{"role": "user", "content": f"What color is the {THINGS[i]}?"},
-                                  {"role": "assistant", "content": f"The {THINGS[i]} is {color}."}],
-                     "rejected": {"role": "assistant", "content": f"The {THINGS[i]} is {wrong}."}})
+        answer = f"The {THINGS[i]} is {COLORS[(i * 3) % 8]}"
+        for question in ("What color is the {}?", "Tell me the color of the {}."):
+            rows.append({"id": f"p{i}-{len(rows)}", "source": {"file": "pairs"},
+                         "messages": [{"role": "user", "content": question.format(THINGS[i])},
+                                      {"role": "assistant", "content": answer + "!"}],
+                         "rejected": {"role": "assistant", "content": answer + "."}})
     return rows
 
 
@@ -60,13 +62,11 @@ def sft(tmp_path_factory) -> Path:
     write_records(work / "data/split/val.jsonl", convs[20:])
     (work / "data/split/corpus.jsonl").write_text("".join(
         json.dumps({"id": f"t{i}", "text": f"The {THINGS[i]} is {COLORS[(i * 3) % 8]}. " * 3}) + "\n" for i in range(8)))
-    pairs = [r for shift in (1, 2, 3, 5) for r in preference_rows(range(8), shift)]
-    with open(work / "data/split/preference_train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in pairs)
-    with open(work / "data/split/preference_test.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for shift in (4, 6, 7) for r in preference_rows(range(8), shift))
+    for name, things in (("train", range(6)), ("test", range(6, 8))):  # held out: things DPO never saw
+        with open(work / f"data/split/preference_{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in preference_rows(things))
     write_params(work, {"train": {"epochs": 1, "lr": 1e-3, "batch_size": 4, "max_length": 128, "save_every": 0},
-                        "dpo": {"epochs": 4, "lr": 2e-3, "batch_size": 8, "beta": 0.1}})
+                        "dpo": {"epochs": 4, "lr": 5e-3, "batch_size": 4, "beta": 0.1}})
     run_stage(work, "cpt")
     run_stage(work, "train")
     return work
@@ -83,20 +83,20 @@ def test_dpo_off_copies_the_sft_adapter(sft):
     assert json.loads((sft / "metrics/dpo_off.json").read_text()) == {"enabled": False}
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_raises_held_out_preference_accuracy(sft, loss_type):
-    params = sft / f"params-{loss_type}.yaml"
+# IPO pulls the log-ratio gap to 1 / (2 beta), no further: SFT's gap for "." is larger than 1 / 0.2
+@pytest.mark.parametrize("loss_type, beta", [("sigmoid", 0.1), ("ipo", 0.02)])
+def test_dpo_raises_held_out_preference_accuracy(sft, loss_type, beta):
     write_params(sft, {"train": {"epochs": 1, "lr": 1e-3, "batch_size": 4, "max_length": 128},
-                       "dpo": {"enabled": True, "epochs": 4, "lr": 2e-3, "batch_size": 8, "beta": 0.1,
+                       "dpo": {"enabled": True, "epochs": 4, "lr": 5e-3, "batch_size": 4, "beta": beta,
                                "loss_type": loss_type}})
-    shutil.copy(sft / "params.yaml", params)
     run_stage(sft, "dpo", "--out", f"models/dpo-{loss_type}", "--metrics", f"metrics/dpo-{loss_type}.json",
               "--plot", f"plots/dpo-{loss_type}.csv")
     m = json.loads((sft / f"metrics/dpo-{loss_type}.json").read_text())
-    assert m["enabled"] and m["train_pairs"] == 32 and m["test_pairs"] == 24 and m["steps"] == 16
-    assert m["test_preference_accuracy_after"] > m["test_preference_accuracy_before"], m
+    assert m["enabled"] and m["train_pairs"] == 12 and m["test_pairs"] == 4 and m["steps"] == 12
+    # SFT learnt ".", so it prefers every rejected answer; DPO's preference carries over to unseen things
+    assert m["test_preference_accuracy_before"] == 0.0 and m["test_preference_accuracy_after"] == 1.0, m
     lines = (sft / f"plots/dpo-{loss_type}.csv").read_text().splitlines()
-    assert lines[0] == "step,epoch,loss,reward_accuracy,reward_margin,chosen_reward,rejected_reward" and len(lines) == 17
+    assert lines[0] == "step,epoch,loss,reward_accuracy,reward_margin,chosen_reward,rejected_reward" and len(lines) == 13
     assert folder_md5(sft / f"models/dpo-{loss_type}") != folder_md5(sft / "models/adapter")
     # merge takes this adapter on the weights it was trained on
     run_stage(sft, "merge", "--adapter", f"models/dpo-{loss_type}", "--out", f"models/merged-{loss_type}",
