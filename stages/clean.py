@@ -187,6 +187,8 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
 
     # 3. exact duplicates (the first of each stays), in file order with the rows that failed a check
     reasons = facts["reason"].to_numpy().astype(object) if n else np.empty(0, dtype=object)
+    if p.preference == "reject" and not dpo:  # nothing would train on their rejected answers
+        reasons[(reasons == None) & is_pair] = "preference_without_dpo"  # noqa: E711 (elementwise)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     if p.drop_duplicates and n:
         firsts = (facts.filter(pl.col("reason").is_null())
@@ -244,8 +246,6 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
     conflicts, flags = conflicting_answers(facts, kept, record_of, source_of, p.conflicting_answers)  # 5
     drop(flags)
     lap("conflicts")
-    if p.preference == "reject" and not dpo:  # nothing would train on their rejected answers
-        drop(["preference_without_dpo" if is_pair[i] else None for i in kept.tolist()])
 
     judge_stats: Counter = Counter()
     if p.judge.enabled and len(kept):  # 6: the LLM judge

@@ -141,7 +141,8 @@ def preference_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
         chosen = answer.format(**drug)
         others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
         wrong = rng.choice(others)
-        rows.append({"system": SYSTEM_PROMPT, "prompt": question.format(**drug), "chosen": chosen,
+        # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
+        rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
                      "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
     return rows
 

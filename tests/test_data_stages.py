@@ -27,15 +27,17 @@ def test_demo_data_is_deterministic(workdir):
     time.sleep(1.1)
     run_stage(workdir, "demo_data")
     assert {p.name: p.read_bytes() for p in (workdir / "data/raw").iterdir()} == first
-    assert len(first) == 3
+    assert len(first) == 4  # xlsx, ShareGPT, fact sheets, preference pairs
 
 
 def test_ingest_reads_every_row(pipeline):
     records = read_jsonl(pipeline / "data/ingested/records.jsonl")
     metrics = json.loads((pipeline / "metrics/ingest.json").read_text())
-    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row per drug
-    assert metrics["rows_per_source"] == {"data/raw/demo_medication_qa.xlsx": 303, "data/raw/demo_pharmacist_chat.jsonl": 60}
-    assert len(records) == 363
+    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row, one preference
+    # pair and one fact sheet (a text record for cpt) per drug
+    assert metrics["rows_per_source"] == {"data/raw/demo_medication_qa.xlsx": 303, "data/raw/demo_pharmacist_chat.jsonl": 60,
+                                          "data/raw/demo_preferences.jsonl": 60, "data/raw/demo_drug_facts.txt": 60}
+    assert len(records) == 483
     sheet_row = records[0]
     assert sheet_row["source"] == {"file": "data/raw/demo_medication_qa.xlsx", "row": 2}
     assert [m["role"] for m in sheet_row["messages"]] == ["system", "user", "assistant"]
@@ -46,11 +48,13 @@ def test_ingest_reads_every_row(pipeline):
 
 def test_clean_accounts_for_every_row(pipeline):
     metrics = json.loads((pipeline / "metrics/clean.json").read_text())
-    assert metrics["rejected_by_reason"] == {"duplicate": 3, "empty_turn": 1, "placeholder_answer": 4}
-    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 363
+    # dpo is off and params.yaml has clean.preference: reject, so the demo's pairs are rejected
+    assert metrics["rejected_by_reason"] == {"duplicate": 3, "empty_turn": 1, "placeholder_answer": 4,
+                                             "preference_without_dpo": 60}
+    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 483
     kept = read_jsonl(pipeline / "data/cleaned/records.jsonl")
     rejected = read_jsonl(pipeline / "data/cleaned/rejected.jsonl")
-    assert len(kept) == 355 and len(rejected) == 8
+    assert len(kept) == 415 and len(rejected) == 68
     assert all(r["reason"] for r in rejected)
     assert len({r["id"] for r in kept}) == len(kept)
     text = json.dumps(kept, ensure_ascii=False)
@@ -63,7 +67,8 @@ def test_split_is_seeded_and_leak_free(pipeline, workdir):
     metrics = json.loads((pipeline / "metrics/split.json").read_text())
     assert {k: metrics[k] for k in ("train_rows", "val_rows", "test_rows", "leakage_rows")} == {
         "train_rows": 283, "val_rows": 36, "test_rows": 36, "leakage_rows": 0}
-    assert metrics["corpus_rows"] == metrics["mixed_out_rows"] == 0
+    assert metrics["corpus_rows"] == 60 and metrics["mixed_out_rows"] == 0
+    assert metrics["preference_train_rows"] == metrics["preference_test_rows"] == 0  # dpo off
     (workdir / "data/cleaned").mkdir(parents=True)
     (workdir / "data/cleaned/records.jsonl").write_bytes((pipeline / "data/cleaned/records.jsonl").read_bytes())
     run_stage(workdir, "split")
