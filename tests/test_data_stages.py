@@ -440,8 +440,7 @@ def test_clean_writes_the_data_card(pipeline):
     assert metrics["by_source"]["data/raw/demo_pharmacist_chat.jsonl"]["rows_kept"] == 60
     lines = (pipeline / "plots/lengths.csv").read_text().splitlines()
     assert lines[0] == "chars,prompt,answer"
-    # the 60 kept fact sheets (text, for cpt) have no answer to count
-    assert sum(int(line.split(",")[2]) for line in lines[1:]) == metrics["rows_kept"] - 60 == 355
+    assert sum(int(line.split(",")[2]) for line in lines[1:]) == metrics["rows_kept"] == 415  # fact sheets too
     assert (pipeline / "data/cleaned/conflicts.jsonl").exists() and (pipeline / "data/judge/cache.jsonl").exists()
 
 
