@@ -27,21 +27,26 @@ SHAPES = {  # step_tokens: the fixed budget where this checkout's train stage ha
                          vocab=92544, tie=False, step_tokens=4096)}
 # --tiny: head size 64, AWQ groups of 128, more embedding rows than the tokenizer has (as above)
 TINY = dict(hidden=128, intermediate=384, layers=2, heads=2, kv_heads=1, vocab=16384, step_tokens=2048)
-STAGES = ["base", "train", "merge", "turbomind", "eval", "register"]
+STAGES = ["base", "cpt", "train", "dpo", "merge", "turbomind", "eval", "register"]  # cpt, dpo: off (copies)
 NEEDS = {"train": "base", "merge": "train", "turbomind": "merge", "eval": "merge", "register": "merge"}
 VENVS = {"turbomind": "lmdeploy", "eval": "opencompass"}  # --venvs: as dvc.yaml; other stages: core
 ARGS = {  # each stage's paths, as dvc.yaml gives them
     "base": "--corpus none.txt --out models/base",
-    "train": "--train data/split/train.jsonl --val data/split/val.jsonl --base models/base --out models/adapter "
+    "cpt": "--corpus data/split/corpus.jsonl --base models/base --out models/sft_base --metrics metrics/cpt.json "
+           "--loss-plot plots/cpt_loss.csv",
+    "train": "--train data/split/train.jsonl --val data/split/val.jsonl --base models/sft_base --out models/adapter "
              "--checkpoints models/checkpoints --metrics metrics/train.json --loss-plot plots/train_loss.csv",
-    "merge": "--base models/base --adapter models/adapter --val data/split/val.jsonl --out models/merged "
+    "dpo": "--base models/sft_base --adapter models/adapter --train data/split/preference_train.jsonl "
+           "--test data/split/preference_test.jsonl --out models/dpo_adapter --metrics metrics/dpo.json "
+           "--plot plots/dpo_steps.csv",
+    "merge": "--base models/sft_base --adapter models/dpo_adapter --val data/split/val.jsonl --out models/merged "
              "--metrics metrics/merge.json",
     "turbomind": "--merged models/merged --train data/split/train.jsonl --out models/turbomind "
                  "--metrics metrics/turbomind.json",
     "eval": "--base models/base --merged models/merged --turbomind models/turbomind --test data/split/test.jsonl "
             "--out eval --metrics metrics/eval.json",
-    "register": "--metrics-dir metrics --plots-dir plots --merged models/merged --adapter models/adapter "
-                "--base models/base --turbomind models/turbomind --out registry/record.json"}
+    "register": "--metrics-dir metrics --plots-dir plots --merged models/merged --adapter models/dpo_adapter "
+                "--base models/sft_base --turbomind models/turbomind --out registry/record.json"}
 SPLITS = {"train": 0.9, "val": 0.05, "test": 0.05}
 SHOWN = {"train": ["tokens_per_s", "step_tokens", "steps", "train_loss_final"], "merge": ["device", "dtype", "rel_logit_diff"],
          "turbomind": ["top1_agreement", "logits_rel_error_mean"], "register": ["version"]}

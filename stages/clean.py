@@ -41,7 +41,7 @@ from stages.clean_dedup import NearDuplicates, conflicting_answers, near_duplica
 from stages.clean_judge import Judge, judge_scores
 from stages.clean_placeholders import Placeholders
 from stages.clean_text import Pii, TextFixer, may_need_fixing
-from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, stage_enabled, write_json
 from stages.columns import line_spans, lines_array, read_table
 from stages.records import no_cycle_collection, parse_record, read_file, with_keys, write_lines_to, write_records
 
@@ -70,6 +70,9 @@ class CleanParams(Params):
     pii: Pii = Pii()
     placeholders: Placeholders = Placeholders()  # {{name}}, <NAME>, [NAME]: filled from values, else rejected
     judge: Judge = Judge()
+    # preference pairs (chosen/rejected) while dpo.enabled is false: chosen = train SFT on the chosen
+    # answer; reject = reject them (reason preference_without_dpo). With dpo on they are kept for dpo.
+    preference: Literal["chosen", "reject"] = "chosen"
 
 
 MESSAGE = pa.struct([("role", pa.string_view()), ("content", pa.string_view())])
@@ -84,7 +87,7 @@ RECORD_SCHEMA = pa.schema([("id", pa.string_view()), ("source", pa.struct([("fil
 LENGTH_BINS = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
-def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None = None) -> dict:
+def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None = None, dpo: bool = False) -> dict:
     """Steps 1-6 over the records of a JSON-lines file's bytes. Returns kept [(row, keys added)],
     rejected [(row, keys added, reason)], line(row) (the row's line, fixed), conflicts, metrics,
     the lengths histogram and seconds by phase."""
@@ -104,6 +107,7 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
     starts, ends, numbers = line_spans(data)
     frame = pl.from_arrow(read_table(data, path, numbers, RECORD_SCHEMA)).with_row_index("row")
     n = frame.height
+    is_pair = frame["rejected"].is_not_null().to_numpy()
     lap("read")
 
     # 1. text fixes, in Python, for the rows a fix might change (and rows with tools: a fact needs them)
@@ -183,6 +187,8 @@ def clean_data(data: bytes, path: str, p: CleanParams, judge_cache: Path | None 
 
     # 3. exact duplicates (the first of each stays), in file order with the rows that failed a check
     reasons = facts["reason"].to_numpy().astype(object) if n else np.empty(0, dtype=object)
+    if p.preference == "reject" and not dpo:  # nothing would train on their rejected answers
+        reasons[(reasons == None) & is_pair] = "preference_without_dpo"  # noqa: E711 (elementwise)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     if p.drop_duplicates and n:
         firsts = (facts.filter(pl.col("reason").is_null())
@@ -297,12 +303,12 @@ def data_card(facts: pl.DataFrame, kept: np.ndarray, rejected: list[tuple[int, d
     return metrics, histogram
 
 
-def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None) -> dict:
+def clean_records(records: Iterable[dict], p: CleanParams, judge_cache: Path | None = None, dpo: bool = False) -> dict:
     """Fix, check and deduplicate records in this process (`tunepipe inspect` and tests), by the
     stage's own code on their JSON lines. Returns kept and rejected records (each rejected one with
     its reason), conflicts (the same question, different answers) and metrics."""
     data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
-    result = clean_data(data, "records", p, judge_cache)
+    result = clean_data(data, "records", p, judge_cache, dpo)
     line = result.pop("line")
     result["kept"] = [{**orjson.loads(line(i)), **(extra or {})} for i, extra in result["kept"]]
     result["rejected"] = [{**orjson.loads(line(i)), **(extra or {}), "reason": reason}
@@ -330,7 +336,7 @@ def main() -> None:
     p = load_params("clean", CleanParams)
 
     with no_cycle_collection():
-        result = clean_data(read_file(args.records), args.records, p, Path(args.judge_cache))
+        result = clean_data(read_file(args.records), args.records, p, Path(args.judge_cache), stage_enabled("dpo"))
         line, clock = result["line"], time.perf_counter()
         write_lines_to(args.out, result["lines"](result["kept"]))
         write_lines_to(args.rejected, (with_keys(line(i), {**(extra or {}), "reason": reason})

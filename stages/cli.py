@@ -36,7 +36,7 @@ import yaml
 from pydantic import ValidationError
 
 from stages.clean import CleanParams, clean_records
-from stages.common import StageError
+from stages.common import StageError, stage_enabled
 from stages.ingest import FORMATS, IngestParams, Source, describe, open_source
 
 
@@ -94,7 +94,7 @@ def inspect_file(file: str, ingest: dict, clean: CleanParams, args: argparse.Nam
     limit = validated(IngestParams, {"sources": [], **{k: v for k, v in ingest.items() if k != "sources"}},
                       "ingest").max_cell_chars
     info, records = open_source(src, limit)
-    result = clean_records(records, clean, Path(args.judge_cache) if args.judge else None)
+    result = clean_records(records, clean, Path(args.judge_cache) if args.judge else None, args.dpo)
     m = result["metrics"]
     kept = result["kept"]
     picks = sorted({0, len(kept) // 2, len(kept) - 1}) if kept else []
@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.judge:
             clean_section["judge"] = {**(clean_section.get("judge") or {}), "enabled": False}
         clean = validated(CleanParams, clean_section, "clean")
+        # preference pairs are kept for dpo when it is on, else clean.preference decides
+        params_file = args.params or Path("params.yaml")
+        args.dpo = params_file.exists() and stage_enabled("dpo", params_file)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -112,6 +112,15 @@ def load_params(section: str, schema: type[P], path: Path | None = None) -> P:
     return validated
 
 
+def stage_enabled(section: str, path: Path | None = None) -> bool:
+    """`<section>.enabled` in params.yaml (False when the section or key is absent): how clean and
+    split learn whether the optional dpo stage will read preference pairs."""
+    path = path or PARAMS_FILE
+    with open(path, encoding="utf-8") as f:
+        everything = yaml.safe_load(f) or {}
+    return bool((everything.get(section) or {}).get("enabled", False))
+
+
 def run_stage(main) -> None:
     """Entry point for `python -m stages.X`: expected problems exit 1 without a traceback."""
     try:

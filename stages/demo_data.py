@@ -7,6 +7,8 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on,
   - an exam of multiple-choice questions on the same facts, as text blocks ("1. ... A. ... answer: B"),
   - tool-calling conversations (ShareGPT with tools): the pharmacist looks a fact up with a tool.
+  - preference pairs (demo_preferences.jsonl, for the dpo stage): a question, the right fact as the
+    chosen answer and another drug's fact, wrong for this one, as the rejected answer.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -191,6 +193,22 @@ def tool_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
+def preference_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
+    """One pair per drug: chosen states its own fact, rejected the same kind of fact of another drug
+    (when that differs: a wrong answer that reads just as well)."""
+    rows = []
+    for drug in drugs:
+        qtype = rng.choice(["dose", "storage", "food", "usage"])
+        question, answer = QUESTION_TYPES[qtype]
+        chosen = answer.format(**drug)
+        others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
+        wrong = rng.choice(others)
+        # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
+        rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
+                     "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
+    return rows
+
+
 def fact_sheet(drug: dict) -> str:
     return " ".join(answer.format(**drug) for _, answer in QUESTION_TYPES.values())
 
@@ -218,8 +236,12 @@ def main() -> None:
     with atomic_path(out / "demo_tool_calls.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                for r in tool_rows(extra, drugs[len(drugs) - p.tool_rows:])), encoding="utf-8")
+    with atomic_path(out / "demo_preferences.jsonl") as tmp:  # its own rng: the files above stay as they were
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in preference_rows(random.Random(p.seed + 1), drugs)), encoding="utf-8")
     print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt, "
-          f"demo_drug_exam.txt ({p.exam_questions} questions), demo_tool_calls.jsonl ({p.tool_rows} conversations)")
+          f"demo_drug_exam.txt ({p.exam_questions} questions), demo_tool_calls.jsonl ({p.tool_rows} conversations), "
+          "demo_preferences.jsonl")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="models/base")
-    ap.add_argument("--adapter", default="models/adapter")
+    ap.add_argument("--base", default="models/sft_base")
+    ap.add_argument("--adapter", default="models/dpo_adapter")
     ap.add_argument("--val", default="data/split/val.jsonl")
     ap.add_argument("--out", default="models/merged")
     ap.add_argument("--metrics", default="metrics/merge.json")

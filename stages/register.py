@@ -86,8 +86,8 @@ def main() -> None:
     ap.add_argument("--metrics-dir", default="metrics")
     ap.add_argument("--plots-dir", default="plots")
     ap.add_argument("--merged", default="models/merged")
-    ap.add_argument("--adapter", default="models/adapter")
-    ap.add_argument("--base", default="models/base")
+    ap.add_argument("--adapter", default="models/dpo_adapter")
+    ap.add_argument("--base", default="models/sft_base")
     ap.add_argument("--turbomind", default="models/turbomind", help="only its md5 in dvc.lock is read")
     ap.add_argument("--predictions", default="eval/predictions.jsonl")
     ap.add_argument("--lock", default="dvc.lock")
@@ -320,7 +320,14 @@ def log_sample_generations(mlflow, predictions: Path, n: int) -> None:
 def log_model(mlflow, args, reference: dict):
     """Log the pyfunc model (stages/registered_model.py): the adapter folder, plus the merged folder when
     log_weights is merged, copied file by file. No model is loaded: nothing here imports torch."""
-    artifacts = {"adapter": str(Path(args.adapter).resolve())}
+    import shutil
+    import tempfile
+
+    # MLflow names an artifact folder after its source: the chain's last adapter (models/dpo_adapter)
+    # is logged as "adapter", where upload and registered_model look for it
+    staging = Path(tempfile.mkdtemp(prefix="register."))
+    shutil.copytree(args.adapter, staging / "adapter")
+    artifacts = {"adapter": str(staging / "adapter")}
     if reference["log_weights"] == "merged":
         artifacts["merged"] = str(Path(args.merged).resolve())
     base = reference["base"]
@@ -329,8 +336,11 @@ def log_model(mlflow, args, reference: dict):
     # explicit requirements: inferring them would load the model in a subprocess
     requirements = [f"{name}=={installed_version(name).split('+')[0]}" for name in ["mlflow", "torch", "transformers", "peft"]]
     metadata = {"tunepipe": {k: reference[k] for k in ["log_weights", "base", "dvc_md5"]}}
-    return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
-                                   model_config=model_config, metadata=metadata, pip_requirements=requirements)
+    try:
+        return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
+                                       model_config=model_config, metadata=metadata, pip_requirements=requirements)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Records that ask the same question (after normalisation) or that clean grouped a
 near-duplicates stay in one part, so the test set never scores a question the model was trained
 on; the leakage count is a metric and must be 0. Optionally stratified by a field (e.g.
 meta.question_type), each stratum split by the same ratios. Continued-pretraining text chunks go
-to corpus.jsonl. Every record in is in exactly one output: train, val, test, corpus or mixed_out.
+to corpus.jsonl. With dpo.enabled, preference pairs (records with `rejected`) go to
+preference_{train,test}.jsonl (else they are SFT rows, trained on the chosen answer; the files are
+empty). Every record in is in exactly one output: train, val, test, corpus, preference or mixed_out.
 Records are written as the bytes clean wrote.
 How: Arrow reads the fields split needs from all lines at once; prompt keys and xtuner's lines are
 polars column expressions, and groups, strata and parts are numpy arrays of each key's rank in
@@ -29,7 +31,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
+from stages.common import Params, StageError, atomic_path, load_params, run_stage, stage_enabled, write_json
 from stages.columns import line_spans, lines_array, read_table
 from stages.records import map_file, no_cycle_collection, with_keys, write_lines_to
 
@@ -66,7 +68,8 @@ MESSAGES = pa.list_(pa.struct([("role", TEXT), ("content", TEXT)]))
 def record_schema(stratify: str | None) -> pa.Schema | None:
     """What split reads of a record, with the stratify field as text; None where the field's path
     runs into messages, text or group, or ends at an object (whose str() Arrow can't give)."""
-    fields = {"source": {"file": TEXT, "sheet": TEXT}, "messages": MESSAGES, "text": TEXT, "group": TEXT}
+    fields = {"source": {"file": TEXT, "sheet": TEXT}, "messages": MESSAGES, "text": TEXT, "group": TEXT,
+              "rejected": pa.struct([("role", TEXT), ("content", TEXT)])}
     if stratify:
         *parents, leaf = stratify.split(".")
         node = fields
@@ -209,6 +212,7 @@ class Rows:
                              .alias("label"), pl.when(chat).then(users.list.join("\n")).alias("prompt"),
                              pl.when(chat & (pl.col("group") != "")).then("\x00group\x00" + pl.col("group")).alias("group"))
         self.chat = facts["chat"].to_numpy()
+        self.preference = frame.select(pl.col("rejected").is_not_null()).to_series().to_numpy()
         self.label, self.labels = codes(facts["label"])
         # prompt keys and group names ranked together: a prompt key equal to a group's name is that group
         keys = ranks(pl.concat([casefolded(facts["prompt"]), facts["group"]]))
@@ -289,6 +293,14 @@ def groups_of(rows: Rows, chats: np.ndarray) -> np.ndarray:
     return roots[prompt]
 
 
+def preference_split(rows: Rows, pairs: np.ndarray, p: SplitParams) -> dict[str, np.ndarray]:
+    """dpo's pairs: a seeded share test_ratio of their prompts held out (pairs of one prompt stay together)."""
+    prompts = np.unique(rows.prompt[pairs]).tolist()
+    random.Random(p.seed).shuffle(prompts)
+    held_out = np.isin(rows.prompt[pairs], prompts[:round(len(prompts) * p.test_ratio)])
+    return {"train": pairs[~held_out], "test": pairs[held_out]}
+
+
 def to_xtuner(record: dict) -> dict:
     """xtuner's conversation format: [{system?, input, output}, ...] one item per exchange.
     A tool result is the next exchange's input (xtuner's format has no tool role)."""
@@ -320,6 +332,9 @@ def main() -> None:
     with no_cycle_collection():
         rows = Rows(args.records, p.stratify)
         corpus, chats = np.flatnonzero(~rows.chat), np.flatnonzero(rows.chat)
+        # with dpo on, preference pairs are dpo's (not SFT's); with it off, clean kept them for SFT on chosen
+        pairs = np.flatnonzero(rows.chat & rows.preference) if stage_enabled("dpo") else chats[:0]
+        chats = np.setdiff1d(chats, pairs)
         chats, mixed_out, achieved = mix(rows, chats, p.mix, p.seed) if p.mix else (chats, chats[:0], {})
         held = np.isin(rows.label[chats], [code for code, label in enumerate(rows.labels)
                                            if any(fnmatch.fnmatch(label, g) for g in p.held_out)])
@@ -356,6 +371,9 @@ def main() -> None:
         for name, members in splits.items():
             write_rows(out / f"{name}.jsonl", members, rows.lines_of)
         write_rows(out / "corpus.jsonl", corpus, rows.lines_of)
+        preference = preference_split(rows, pairs, p)
+        for name, members in preference.items():
+            write_rows(out / f"preference_{name}.jsonl", members, rows.lines_of)
         write_lines_to(out / "mixed_out.jsonl", (with_keys(rows.lines[i].as_py(), {"reason": "mixed_out"})
                                                  for i in mixed_out.tolist()))
         for name in ("train", "val"):  # xtuner's own format
@@ -366,8 +384,10 @@ def main() -> None:
         train_groups = rows.group[train][rows.group[train] >= 0]
         leakage = int((np.isin(rows.prompt[held_out], rows.prompt[train])
                        | np.isin(rows.group[held_out], train_groups)).sum())
-        assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) == len(rows.lines), "split lost rows"
+        assert sum(map(len, splits.values())) + len(corpus) + len(mixed_out) + len(pairs) == len(rows.lines), \
+            "split lost rows"
         metrics = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "leakage_rows": leakage,
+                   **{f"preference_{k}_rows": len(v) for k, v in preference.items()},
                    "corpus_rows": len(corpus), "mixed_out_rows": len(mixed_out), "held_out_rows": len(test_only),
                    "rows_per_source": {name: rows.per_source(v) for name, v in splits.items()}}
         if achieved:

@@ -507,7 +507,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", default="data/split/train.jsonl")
     ap.add_argument("--val", default="data/split/val.jsonl")
-    ap.add_argument("--base", default="models/base")
+    ap.add_argument("--base", default="models/sft_base")
     ap.add_argument("--out", default="models/adapter")
     ap.add_argument("--checkpoints", default="models/checkpoints")
     ap.add_argument("--metrics", default="metrics/train.json")

@@ -62,10 +62,10 @@ def run_stage(folder: Path, name: str, *args: str) -> None:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
-    """demo_data -> ingest -> clean -> split -> base -> train -> merge, with FAST_PARAMS."""
+    """demo_data -> ingest -> clean -> split -> base -> cpt -> train -> dpo -> merge, with FAST_PARAMS (cpt, dpo off)."""
     folder = tmp_path_factory.mktemp("pipeline")
     write_params(folder)
-    for stage in ["demo_data", "ingest", "clean", "split", "base", "train", "merge"]:
+    for stage in ["demo_data", "ingest", "clean", "split", "base", "cpt", "train", "dpo", "merge"]:
         run_stage(folder, stage)
     return folder
 

@@ -27,17 +27,19 @@ def test_demo_data_is_deterministic(workdir):
     time.sleep(1.1)
     run_stage(workdir, "demo_data")
     assert {p.name: p.read_bytes() for p in (workdir / "data/raw").iterdir()} == first
-    assert len(first) == 5  # sheet, chat, corpus, mcq exam, tool calls
+    assert len(first) == 6  # xlsx, ShareGPT, fact sheets, mcq exam, tool calls, preference pairs
 
 
 def test_ingest_reads_every_row(pipeline):
     records = read_jsonl(pipeline / "data/ingested/records.jsonl")
     metrics = json.loads((pipeline / "metrics/ingest.json").read_text())
-    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row per drug;
-    # one exam question per drug; 30 tool-calling conversations
+    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row, one preference
+    # pair and one fact sheet (a text record for cpt) per drug; one exam question per drug; 30
+    # tool-calling conversations
     assert metrics["rows_per_source"] == {"data/raw/demo_medication_qa.xlsx": 303, "data/raw/demo_pharmacist_chat.jsonl": 60,
+                                          "data/raw/demo_preferences.jsonl": 60, "data/raw/demo_drug_facts.txt": 60,
                                           "data/raw/demo_drug_exam.txt": 60, "data/raw/demo_tool_calls.jsonl": 30}
-    assert len(records) == 453
+    assert len(records) == 573
     assert sum("mcq" in r for r in records) == 60 and sum("tools" in r for r in records) == 30
     sheet_row = records[0]
     assert sheet_row["source"] == {"file": "data/raw/demo_medication_qa.xlsx", "row": 2}
@@ -49,12 +51,14 @@ def test_ingest_reads_every_row(pipeline):
 
 def test_clean_accounts_for_every_row(pipeline):
     metrics = json.loads((pipeline / "metrics/clean.json").read_text())
+    # dpo is off and params.yaml has clean.preference: reject, so the demo's pairs are rejected;
     # the near-duplicate: two exam questions on drugs with similar names and the same options
-    assert metrics["rejected_by_reason"] == {"duplicate": 3, "empty_turn": 1, "near_duplicate": 1, "placeholder_answer": 4}
-    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 453
+    assert metrics["rejected_by_reason"] == {"duplicate": 3, "empty_turn": 1, "near_duplicate": 1, "placeholder_answer": 4,
+                                             "preference_without_dpo": 60}
+    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 573
     kept = read_jsonl(pipeline / "data/cleaned/records.jsonl")
     rejected = read_jsonl(pipeline / "data/cleaned/rejected.jsonl")
-    assert len(kept) == 444 and len(rejected) == 9
+    assert len(kept) == 504 and len(rejected) == 69
     assert sum("mcq" in r for r in kept) == 59  # passed through with their options and answer
     assert all(r["reason"] for r in rejected)
     assert len({r["id"] for r in kept}) == len(kept)
@@ -73,7 +77,8 @@ def test_split_is_seeded_and_leak_free(pipeline, workdir):
     assert {s: n for s, n in metrics["rows_per_source"]["test"].items() if "exam" in s or "tool" in s} == {
         "data/raw/demo_drug_exam.txt": 59, "data/raw/demo_tool_calls.jsonl": 30}
     assert not any("exam" in s or "tool" in s for s in metrics["rows_per_source"]["train"])
-    assert metrics["corpus_rows"] == metrics["mixed_out_rows"] == 0
+    assert metrics["corpus_rows"] == 60 and metrics["mixed_out_rows"] == 0
+    assert metrics["preference_train_rows"] == metrics["preference_test_rows"] == 0  # dpo off
     (workdir / "data/cleaned").mkdir(parents=True)
     (workdir / "data/cleaned/records.jsonl").write_bytes((pipeline / "data/cleaned/records.jsonl").read_bytes())
     run_stage(workdir, "split")
@@ -445,7 +450,7 @@ def test_clean_writes_the_data_card(pipeline):
     assert metrics["by_source"]["data/raw/demo_pharmacist_chat.jsonl"]["rows_kept"] == 60
     lines = (pipeline / "plots/lengths.csv").read_text().splitlines()
     assert lines[0] == "chars,prompt,answer"
-    assert sum(int(line.split(",")[2]) for line in lines[1:]) == metrics["rows_kept"] == 444
+    assert sum(int(line.split(",")[2]) for line in lines[1:]) == metrics["rows_kept"] == 504  # fact sheets too
     assert (pipeline / "data/cleaned/conflicts.jsonl").exists() and (pipeline / "data/judge/cache.jsonl").exists()
 
 

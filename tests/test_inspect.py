@@ -88,7 +88,9 @@ def test_inspect_shared_files(capsys):
     assert medinfo["conflicting_questions"] == 28
     assert (dialogue["encoding"], dialogue["rows_read"], dialogue["rejected_by_reason"]["duplicate"]) == (
         "gb18030", 7644, 396)
-    assert (dpo["format"], dpo["rejected_by_reason"]) == ("preference", {"replacement_char": 13})
+    # the repo's params: dpo off and clean.preference reject, so the pairs are rejected with their own reason
+    assert (dpo["format"], dpo["rejected_by_reason"]) == ("preference", {"preference_without_dpo": 487,
+                                                                         "replacement_char": 13})
 
 
 def test_installed_command(files):

@@ -23,7 +23,7 @@ from stages.common import StageError
 from stages.dvc_hashes import dvc_md5
 
 TURBOMIND_MD5 = "7f3c0d1e2b4a59687766554433221100.dir"
-LOCKED = {"split": "data/split", "base": "models/base", "train": "models/adapter", "merge": "models/merged"}
+LOCKED = {"split": "data/split", "cpt": "models/sft_base", "dpo": "models/dpo_adapter", "merge": "models/merged"}
 
 
 def dvc_data_md5(path: Path) -> str:
@@ -47,7 +47,7 @@ def write_lock(folder: Path) -> dict:
 
 
 def prepare(pipeline: Path, workdir: Path, monkeypatch) -> Path:
-    copy_outputs(pipeline, workdir, "data/split", "models/base", "models/adapter", "models/merged", "metrics", "plots")
+    copy_outputs(pipeline, workdir, "data/split", "models/sft_base", "models/dpo_adapter", "models/merged", "metrics", "plots")
     (workdir / "metrics/eval.json").write_text(json.dumps({"demo_qa": {"base": {"rougeL": 10.0}, "merged": {"rougeL": 60.0}}}))
     write_lock(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
@@ -105,7 +105,7 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 def test_dvc_md5_is_dvcs_own(pipeline):
-    for rel in ["models/adapter", "models/merged", "data/split", "models/base/manifest.json"]:
+    for rel in ["models/dpo_adapter", "models/merged", "data/split", "models/sft_base/manifest.json"]:
         assert dvc_md5(pipeline / rel) == dvc_data_md5(pipeline / rel)
 
 
@@ -142,7 +142,7 @@ def register_without_torch(folder: Path) -> None:
 def test_each_version_stores_about_the_adapter_and_register_loads_no_model(registered, capsys):
     from mlflow import MlflowClient
 
-    adapter = folder_bytes(registered / "models/adapter")
+    adapter = folder_bytes(registered / "models/dpo_adapter")
     merged_weights = (registered / "models/merged/model.safetensors").stat().st_size
     first = artifact_store_bytes()  # the store was empty before the first registration
     register_without_torch(registered)
@@ -162,16 +162,16 @@ def test_the_version_names_its_base_and_the_dvc_hashes(shared):
     from mlflow import MlflowClient
 
     lock = write_lock(shared)  # same files, same md5s as the lock register read
-    manifest_sha = hashlib.sha256((shared / "models/base/manifest.json").read_bytes()).hexdigest()
+    manifest_sha = hashlib.sha256((shared / "models/sft_base/manifest.json").read_bytes()).hexdigest()
     expected = {"log_weights": "adapter", "base_source": "demo", "base_model_id": "", "base_revision": "",
-                "base_path": str((shared / "models/base").resolve()), "base_manifest_sha256": manifest_sha,
-                "base_md5": lock["models/base"], "adapter_md5": lock["models/adapter"],
+                "base_path": str((shared / "models/sft_base").resolve()), "base_manifest_sha256": manifest_sha,
+                "base_md5": lock["models/sft_base"], "adapter_md5": lock["models/dpo_adapter"],
                 "model_md5": lock["models/merged"], "turbomind_md5": TURBOMIND_MD5}
     version = MlflowClient().get_model_version("tunepipe-demo", "1")
     assert {k: version.tags.get(k) for k in expected} == expected
     meta = mlflow.models.get_model_info("models:/tunepipe-demo/1").metadata["tunepipe"]
     assert meta["log_weights"] == "adapter"
-    assert meta["base"]["manifest_sha256"] == manifest_sha and meta["base"]["dvc_md5"] == lock["models/base"]
+    assert meta["base"]["manifest_sha256"] == manifest_sha and meta["base"]["dvc_md5"] == lock["models/sft_base"]
     assert meta["dvc_md5"] == {**lock, "models/turbomind": TURBOMIND_MD5}
     (shared / "dl").mkdir()
     files = Path(mlflow.artifacts.download_artifacts("models:/tunepipe-demo/1", dst_path=str(shared / "dl")))
@@ -202,7 +202,7 @@ def test_upload_publishes_models_merged_with_the_adapter_and_a_card(shared):
     assert dest == shared / "dist/models/tunepipe-demo/v1" and receipt["log_weights"] == "adapter"
     same_weights(dest, shared / "models/merged")
     assert (dest / "adapter/adapter_model.safetensors").read_bytes() == \
-        (shared / "models/adapter/adapter_model.safetensors").read_bytes()
+        (shared / "models/dpo_adapter/adapter_model.safetensors").read_bytes()
     assert {"model.safetensors", "adapter/adapter_model.safetensors", "README.md"} <= set(receipt["files"])
     card = (dest / "README.md").read_text()
     record = json.loads((shared / "registry/record.json").read_text())

@@ -39,7 +39,7 @@ def loads_only_with_trust(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
-    """base (hf, a local remote-code folder, trust_remote_code) -> train (hf) -> merge."""
+    """base (hf, a local remote-code folder, trust_remote_code) -> cpt (off) -> train (hf) -> dpo (off) -> merge."""
     work = tmp_path_factory.mktemp("remote_code")
     convs = color_conversations(follow_ups=False)
     write_records(work / "data/split/train.jsonl", convs[:20])
@@ -47,7 +47,7 @@ def chain(tmp_path_factory) -> Path:
     write_generic_remote(work / "remote_model", texts_of(convs))
     write_params(work, {"base": {"source": "hf", "model_id": str(work / "remote_model"), "trust_remote_code": True},
                         "train": {"batch_size": 4, "max_length": 128}, "merge": {"check_rows": 4}})
-    for stage in ("base", "train", "merge"):
+    for stage in ("base", "cpt", "train", "dpo", "merge"):
         run_stage(work, stage)
     return work
 
