@@ -525,6 +525,7 @@ def main() -> None:
         sys.exit(subprocess.run(cmd).returncode)
 
     metrics = train_hf(p, args)
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a DVC out: there even when no step saved one
     write_json(args.metrics, metrics)
     print(f"train: {metrics}")
 
