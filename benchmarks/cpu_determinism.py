@@ -57,9 +57,9 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def stage(folder: Path, env: dict, name: str) -> float:
+def stage(folder: Path, env: dict, name: str, *args: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=folder, env=env, check=True,
+    subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=folder, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return round(time.perf_counter() - started, 1)
 
@@ -94,7 +94,7 @@ def main() -> None:
         env = dict(clean_env, **changes)
         probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
         shutil.rmtree(folder / "models", ignore_errors=True)
-        base_s, train_s = stage(folder, env, "base"), stage(folder, env, "train")
+        base_s, train_s = stage(folder, env, "base"), stage(folder, env, "train", "--base", "models/base")
         metrics = json.loads((folder / "metrics/train.json").read_text())
         row = {"config": name, "env": changes, "capability threads cbwr": probe.stdout.strip(),
                "base": sha(folder / "models/base/model.safetensors"),

@@ -100,7 +100,7 @@ def root(tmp_path_factory) -> Path:
         teach(adapter, tokenizer, sky_is_blue(conversations), lr=3e-3)
         adapter.save_pretrained("models/adapter")
         tokenizer.save_pretrained("models/adapter")
-    run_stage(root, "merge")
+    run_stage(root, "merge", "--base", "models/base", "--adapter", "models/adapter")
     return root
 
 

@@ -130,6 +130,9 @@ def test_eval_defaults_are_auto():
 
 # --- merge on the device, in bf16, sharded ----------------------------------------------------------
 
+PLAIN_CHAIN = ("--base", "models/base", "--adapter", "models/adapter")  # no cpt/dpo folders here
+
+
 @pytest.fixture
 def merge_dir(pipeline, tmp_path):
     copy_outputs(pipeline, tmp_path, "models/base", "models/adapter", "data/split/val.jsonl")
@@ -140,7 +143,7 @@ def test_bf16_merge_is_checked_against_the_adapter_and_sharded(pipeline, merge_d
     from safetensors.torch import load_file
 
     write_params(merge_dir, {"merge": {"dtype": "bfloat16", "max_shard_size": "100KB"}})
-    run_stage(merge_dir, "merge")
+    run_stage(merge_dir, "merge", *PLAIN_CHAIN)
     metrics = json.loads((merge_dir / "metrics/merge.json").read_text())
     assert metrics["dtype"] == "bfloat16" and metrics["check"] == "max_rel_logit_diff"
     assert metrics["device"] == pick_device("auto")
@@ -162,10 +165,10 @@ def test_bf16_merge_is_checked_against_the_adapter_and_sharded(pipeline, merge_d
 def test_merge_check_fails_beyond_the_dtypes_tolerance(merge_dir):
     write_params(merge_dir, {"merge": {"dtype": "bfloat16", "max_rel_logit_diff": 1e-5}})
     with pytest.raises(StageError, match=r"merge \(bfloat16\) changed logits by .* merge\.max_rel_logit_diff 1e-05"):
-        run_stage(merge_dir, "merge")
+        run_stage(merge_dir, "merge", *PLAIN_CHAIN)
     write_params(merge_dir, {"merge": {"dtype": "float32", "max_abs_logit_diff": 1e-9}})
     with pytest.raises(StageError, match=r"merge changed logits by .* > merge\.max_abs_logit_diff 1e-09"):
-        run_stage(merge_dir, "merge")
+        run_stage(merge_dir, "merge", *PLAIN_CHAIN)
     assert not (merge_dir / "models/merged").exists()
 
 

@@ -318,8 +318,8 @@ def test_converted_model_trains_and_merges_without_remote_code(converted, tmp_pa
     example = tokenize_conversation(tokenizer, rows[3]["messages"], 128)
     assert example["input_ids"][0] == tokenizer.bos_token_id
     assert tokenizer.decode([t for t in example["labels"] if t != IGNORE]) == "3 plus 3 is 6." + IM_END
-    run_stage(tmp_path, "train")
-    run_stage(tmp_path, "merge")
+    run_stage(tmp_path, "train", "--base", "models/base")
+    run_stage(tmp_path, "merge", "--base", "models/base", "--adapter", "models/adapter")
     metrics = json.loads((tmp_path / "metrics/train.json").read_text())
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert json.loads((tmp_path / "metrics/merge.json").read_text())["max_abs_logit_diff"] < 1e-3
