@@ -52,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                         "attn_implementation": family.attn_implementation,
                                         "lora": {"target_modules": family.target_modules}}})
         write_split(folder)
-        for stage in ("base", "train", "merge"):
+        for stage in ("base", "cpt", "train", "dpo", "merge"):
             run_stage(folder, stage)
         folders[name] = folder
     return folders
