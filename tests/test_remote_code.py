@@ -102,6 +102,8 @@ def test_register_records_that_the_base_runs_its_code(chain, monkeypatch):
     """The version is the adapter plus a reference to its base; the reference says the base needs
     trust_remote_code, so the registered model loads it with its code."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{chain}/mlflow.db")
+    # register's gate reads the eval scores (no eval run here)
+    (chain / "metrics/eval.json").write_text(json.dumps({"demo_qa": {"base": {"rougeL": 10.0}, "merged": {"rougeL": 60.0}}}))
     run_stage(chain, "register", "--lock", "missing.lock")
     record = json.loads((chain / "registry/record.json").read_text())
     assert record["version"] == 1 and record["base"]["trust_remote_code"] is True
