@@ -11,7 +11,7 @@ register.tracking_uri of ./params.yaml. register tagged the version with the git
    params.yaml, metrics/ and plots/ (register runs before its results are committed, and a
    `dvc exp run` registers from params that are not committed at all);
 3. `dvc pull`s from this checkout's default DVC remote;
-4. checks that `dvc status` finds nothing that would rerun (register and upload aside: they ran
+4. checks that `dvc status` finds nothing that would rerun (register, review and upload aside: they ran
    after the hashes were taken), and that every out's md5 in dvc.lock and of its pulled files
    equals the version's tag.
 It prints the verdict in one line, naming every out that differs; exit status 0 when reproducible.
@@ -32,7 +32,7 @@ import yaml
 from stages.common import StageError
 from stages.dvc_hashes import dvc_md5
 
-AFTER_REGISTER = ("register", "upload")  # their outs (record, receipt) are written after the version's hashes
+AFTER_REGISTER = ("register", "review", "upload")  # their outs (record, report, receipt) come after the version's hashes
 LOGGED = ["dvc.lock", "params.yaml", "metrics", "plots"]  # run artifacts put into the worktree
 
 
@@ -144,7 +144,7 @@ def use_source_remote(folder: Path, dvc: str) -> str:
 
 
 def pipeline_changes(folder: Path, dvc: str) -> list[str]:
-    """What `dvc status` says would rerun, register and upload aside."""
+    """What `dvc status` says would rerun, register, review and upload aside."""
     status = run([dvc, "status", "--json"], folder)
     if status.returncode != 0:
         return [f"dvc status failed: {last_line(status)}"]

@@ -21,9 +21,9 @@ from stages.dvc_hashes import dvc_md5
 from test_promotion import scores
 
 DVC = str(Path(sys.executable).with_name("dvc"))
-OUTPUTS = ["data/raw", "data/ingested", "data/cleaned", "data/judge", "data/split", "models/base", "models/adapter",
-           "models/checkpoints", "models/merged", "metrics", "plots"]
-UP_TO_EVAL = ["demo_data", "ingest", "clean", "split", "base", "train", "merge", "turbomind", "eval"]
+OUTPUTS = ["data/raw", "data/ingested", "data/cleaned", "data/judge", "data/split", "models/base", "models/sft_base",
+           "models/adapter", "models/checkpoints", "models/dpo_adapter", "models/merged", "metrics", "plots"]
+UP_TO_EVAL = ["demo_data", "ingest", "clean", "split", "base", "cpt", "train", "dpo", "merge", "turbomind", "eval"]
 
 
 def sh(cwd: Path, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,6 +49,7 @@ def project_clone(pipeline: Path, root: Path) -> Path:
     (origin / "eval").mkdir()
     (origin / "eval/predictions.jsonl").write_text('{"id": "a", "prediction": "b"}\n')
     (origin / "metrics/eval.json").write_text(json.dumps(scores(77.96, 77.52)))
+    (origin / "plots/eval_scores.csv").write_text("set,metric,model,score\ndemo_qa,rougeL,merged,77.96\n")
     sh(origin, "git", "init", "-q")
     sh(origin, DVC, "commit", "-f", "-q", *UP_TO_EVAL)
     sh(origin, "git", "add", "-A")
