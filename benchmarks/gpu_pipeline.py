@@ -173,7 +173,8 @@ def wanted_params(a, name: str, source: Path) -> dict:
                    "eval_rows": 4},
         eval={"device": a.device, "dtype": "auto", "models": a.eval_models,  # auto: bf16 on cuda, the AWQ model fp16
               "max_samples": a.eval_samples, "max_new_tokens": a.max_new_tokens, "batch_size": 16},
-        register={"experiment": f"gpubench-{name}", "model_name": f"gpubench-{name}"})
+        register={"experiment": f"gpubench-{name}", "model_name": f"gpubench-{name}"},
+        cpt={"enabled": False}, dpo={"enabled": False})  # off: they copy base / adapter on, as in the demo chain
 
 
 def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> None:
@@ -183,6 +184,8 @@ def run_model(name: str, shape: dict, a, python: dict, results: dict, save) -> N
         (cwd / "data/split").mkdir(parents=True, exist_ok=True)
         lines = (a.data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(True)[:round(a.rows * share)]
         (cwd / f"data/split/{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    for empty in ("corpus", "preference_train", "preference_test"):  # cpt's and dpo's inputs (unread when off)
+        (cwd / f"data/split/{empty}.jsonl").touch()
     (cwd / "logs").mkdir(exist_ok=True)
     env = dict(os.environ, TUNEPIPE_PARAMS=str(cwd / "params.yaml"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

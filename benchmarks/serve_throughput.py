@@ -88,7 +88,9 @@ def opencompass_through_api(base: str, test_file: Path, tokenizer: Path, work: P
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "opencompass.cli.main", str(cfg)], cwd=work,
                           stdout=(work / "opencompass.log").open("w"), stderr=subprocess.STDOUT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",  # gpu_pipeline's stand-ins: WORKDIR/stand_ins
+                                   PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
+                                                                            str(tokenizer.parents[2] / "stand_ins")]))))
     summaries = sorted((work / "outputs").glob("*/summary/summary_*.csv"))
     if proc.returncode or not summaries:
         return {"status": f"failed (exit {proc.returncode}); see {work}/opencompass.log"}

@@ -175,13 +175,7 @@ def add_serve_parser(sub) -> None:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server for a model folder",
                        description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="models/turbomind, models/merged, models/adapter, ...")
-    p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=("auto", "lmdeploy", "transformers"), default="auto",
-                   help="auto: lmdeploy where CUDA and lmdeploy are there, else transformers")
-    p.add_argument("--model-name", help="the name requests use (default: the folder's name)")
+    serve.add_arguments(p)
 
 
 def run_model_command(args) -> None:

@@ -9,9 +9,11 @@ Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it
    token (stages/chat_template.py), exactly as in training.
 2. Prepare each model OpenCompass should run: base (models/base, or the hub model its manifest
    pins), merged (models/merged) and the W4A16 AWQ artifact made for lmdeploy's TurboMind
-   (models/turbomind). lmdeploy lives in another environment, so its packed int4 weights are
-   dequantized back into a plain HF model and scored as `turbomind_w4a16_dequant`: the same
-   quantized weights, run by transformers instead of TurboMind's kernels.
+   (models/turbomind). eval.quantized_via (stages/eval_served.py) picks how the artifact is run:
+   through `tunepipe serve` and its OpenAI-compatible API (`turbomind_w4a16_served`; auto where
+   CUDA and lmdeploy are), or, the labelled CPU fallback, its packed int4 weights dequantized back
+   into a plain HF model (`turbomind_w4a16_dequant`: the same quantized weights, run by
+   transformers instead of lmdeploy's kernels).
 3. Write an OpenCompass config (a custom chat dataset over the test rows, ChatInferencer in
    `last` mode = greedy generation of the final turn, ROUGE from OpenCompass's RougeEvaluator,
    HuggingFacewithChatTemplate models, eval.batch_size conversations at a time) that a user can
@@ -39,6 +41,7 @@ Everything under eval/ is written to a temporary sibling and renamed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -50,7 +53,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages import eval_sets
+from stages import eval_sets, eval_served
 from stages.awq import dequantize_linear
 from stages.chat_template import stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, pick_dtype,
@@ -74,6 +77,7 @@ class EvalParams(Params):
     mcq: eval_sets.McqSet = eval_sets.McqSet()                  # the test split's multiple-choice records
     tool_calls: eval_sets.ToolCallSet = eval_sets.ToolCallSet()  # its tool-calling records
     opencompass_datasets: list[str] = []                        # OpenCompass dataset configs by name
+    quantized_via: Literal["auto", "server", "dequantized"] = "auto"  # stages/eval_served.py
 
 
 # OpenCompass roles -> chat roles for HuggingFacewithChatTemplate. OpenCompass's default meta
@@ -304,6 +308,10 @@ def write_config(path: Path, final_dir: Path, p: EvalParams, models: list[dict],
     entries' text (eval_sets); default the generative set eval.dataset alone."""
     entries = []
     for m in models:
+        if "api" in m:
+            entries.append(eval_served.api_entry(m, config_path_expr(m["tokenizer_path"], path.parent), p.max_seq_len,
+                                                 p.max_new_tokens, p.batch_size))
+            continue
         settings = hf_run_settings(device, m.get("dtype") or p.dtype)
         model_kwargs = dict(settings["model_kwargs"])
         tokenizer_kwargs = {}
@@ -392,8 +400,10 @@ def read_predictions(run_dir: Path, dataset: str, abbrs: list[str], rows: list[d
     return out
 
 
-def prepare_models(args, p: EvalParams, tmp: Path, device: str) -> tuple[list[dict], dict]:
-    """The model entries to score (base, merged, the dequantized AWQ artifact) and notes on them."""
+def prepare_models(args, p: EvalParams, tmp: Path, device: str,
+                   servers: contextlib.ExitStack) -> tuple[list[dict], dict]:
+    """The model entries to score (base, merged, the AWQ artifact served or dequantized) and notes on
+    them. A server started for the artifact lives as long as `servers`."""
     models, notes = [], {}
     for name in dict.fromkeys(p.models):
         if name == "base":
@@ -409,6 +419,11 @@ def prepare_models(args, p: EvalParams, tmp: Path, device: str) -> tuple[list[di
             artifact = Path(args.turbomind)
             if not artifact.exists():
                 raise StageError(f"{artifact}: TurboMind artifact not found (run the turbomind stage)")
+            if eval_served.use_server(p.quantized_via):
+                served = servers.enter_context(eval_served.quantized_server(artifact))
+                models.append({**served, "tokenizer_path": str(tokenizer_dir(args.base))})
+                notes[served["abbr"]] = eval_served.note(served)
+                continue
             try:
                 notes[TURBOMIND_ABBR] = dequantize_awq(find_awq_dir(artifact), tmp / "models" / TURBOMIND_ABBR,
                                                        p.turbomind_dtype)
@@ -461,14 +476,19 @@ def main() -> None:
         raise StageError(f"{args.test}: no test rows to score, and no OpenCompass dataset with local data")
     device = pick_device(p.device)
     final_dir = Path(args.out)
-    with atomic_path(final_dir, is_dir=True) as tmp:
+    with atomic_path(final_dir, is_dir=True) as tmp, contextlib.ExitStack() as servers:
         tmp = tmp.resolve()
         for name, (_, rows) in sets.items():
             write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
-        models, notes = prepare_models(args, p, tmp, device)
+        models, notes = prepare_models(args, p, tmp, device, servers)
         abbrs = [m["abbr"] for m in models]
+        ranked = [m for m in models if "api" not in m]   # ppl needs logits: API models are left out
         stops, pad = stop_words(args.base)
         ppl = p.mcq.name if p.mcq.mode == "ppl" and p.mcq.name in sets else None
+        if ppl and not ranked:
+            notes["not_scored"] = {ppl: "mcq ppl needs logits and every model here is served (eval.mcq.mode gen)"}
+            sets.pop(ppl)
+            ppl = None
         chat_entries = {name: eval_sets.chat_entry(name, p.max_new_tokens) if kind == "generative"
                         else eval_sets.tool_entry(p.tool_calls) if kind == "tool_calls"
                         else eval_sets.mcq_gen_entry(p.mcq, rows)
@@ -481,13 +501,17 @@ def main() -> None:
                          "".join(chat_entries.values()) + eval_sets.named_entries(named))
             runs[CONFIG_NAME] = run_opencompass(tmp / CONFIG_NAME, cwd=tmp)
         if ppl:
-            write_config(tmp / PPL_CONFIG_NAME, final_dir, p, models, device, stops, pad,
+            write_config(tmp / PPL_CONFIG_NAME, final_dir, p, ranked, device, stops, pad,
                          eval_sets.mcq_ppl_entry(p.mcq, sets[ppl][1], stops[0]), PPL_MODEL, PPL_RUN_NAME)
             runs[PPL_CONFIG_NAME] = run_opencompass(tmp / PPL_CONFIG_NAME, cwd=tmp, run_name=PPL_RUN_NAME)
         for name, (kind, rows) in sets.items():
             run_dir = runs[PPL_CONFIG_NAME if name == ppl else CONFIG_NAME]
-            metrics[name] = read_summary(run_dir, name, abbrs)
-            predictions += read_predictions(run_dir, name, abbrs, rows, kind)
+            scored = [m["abbr"] for m in ranked] if name == ppl else abbrs
+            metrics[name] = read_summary(run_dir, name, scored)
+            predictions += read_predictions(run_dir, name, scored, rows, kind)
+            if name == ppl and len(scored) < len(abbrs):
+                notes.setdefault("not_scored", {})[name] = {a: "mcq ppl needs logits; an API model has none (eval.mcq.mode gen scores it)"
+                                                           for a in abbrs if a not in scored}
         for name, dataset_abbrs in named_abbrs.items():
             metrics[name] = read_summary(runs[CONFIG_NAME], dataset_abbrs, abbrs)
         metrics.update({name: {"skipped": reason} for name, reason in skipped.items()})

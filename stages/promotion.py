@@ -28,7 +28,9 @@ class GateParams(Params):
     main_metric: str = "rougeL"
     model: str = "merged"                      # the eval model abbr the version is judged by
     base: str = "base"                         # the eval model abbr of the base model
-    quantized: str = "turbomind_w4a16_dequant"  # the quantized artifact's abbr (rule skipped if not evaluated)
+    # the quantized artifact's abbrs, the first one evaluated is judged (served through the API, else
+    # dequantized: stages/eval_served.py); rules on it are skipped if none was evaluated
+    quantized: list[str] = ["turbomind_w4a16_served", "turbomind_w4a16_dequant"]
     max_drop: float = 1.0
     max_quantized_gap: float = 3.0
 
@@ -100,7 +102,7 @@ def no_large_drop(new: list[Score], champion: list[Score] | None, gate: GatePara
     if champion is None:
         return Outcome("max_drop", "skipped", "no champion yet")
     drops = []
-    for model in (gate.model, gate.quantized):
+    for model in (gate.model, quantized_abbr(new, gate)):
         mine, theirs = by_model(new, model), by_model(champion, model)
         drops += [(theirs[k] - mine[k], f"{k[0]}.{model}.{k[1]}") for k in mine if k in theirs]
     if not drops:
@@ -110,11 +112,16 @@ def no_large_drop(new: list[Score], champion: list[Score] | None, gate: GatePara
     return Outcome("max_drop", status, f"largest drop {drop:g} ({name}) {'>' if status == 'fail' else '<='} {gate.max_drop:g}")
 
 
+def quantized_abbr(scores: list[Score], gate: GateParams) -> str:
+    evaluated = {name.rpartition(".")[0].rpartition(".")[2] for name, _ in scores}
+    return next((abbr for abbr in gate.quantized if abbr in evaluated), gate.quantized[0])
+
+
 def quantized_gap(new: list[Score], gate: GateParams) -> Outcome:
-    mine, quantized = by_model(new, gate.model), by_model(new, gate.quantized)
+    mine, quantized = by_model(new, gate.model), by_model(new, quantized_abbr(new, gate))
     gaps = [(mine[k] - quantized[k], f"{k[0]}.{k[1]}") for k in mine if k in quantized]
     if not gaps:
-        return Outcome("max_quantized_gap", "skipped", f"no {gate.quantized} scores")
+        return Outcome("max_quantized_gap", "skipped", f"no {' / '.join(gate.quantized)} scores")
     gap, name = max(gaps)
     status = "fail" if gap > gate.max_quantized_gap else "pass"
     return Outcome("max_quantized_gap", status, f"largest gap {gap:g} ({name}) "

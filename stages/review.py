@@ -37,7 +37,7 @@ class ReviewParams(Params):
     champion_alias: str = "champion"             # the alias of the version in production
     base: str = "base"                           # eval model abbrs (metrics/eval.json, predictions)
     candidate: str = "merged"
-    quantized: str = "turbomind_w4a16_dequant"
+    quantized: list[str] = ["turbomind_w4a16_served", "turbomind_w4a16_dequant"]  # the first one evaluated
     answers: int = 20                            # test conversations shown side by side
     rejected_examples: int = 3                   # rejected rows shown per reason
     max_chars: int = 400                         # longer texts are cut in the report
@@ -195,17 +195,18 @@ def params_section(params: dict, champion_params: dict | None, champion_note: st
 def scores_section(inputs: dict, champion: dict, record: dict, p: ReviewParams) -> Section:
     champion_metrics = champion["metrics"]
     ours, theirs = eval_scores(inputs["eval"]), eval_scores(champion_metrics or {})
-    models = [p.base, p.candidate, p.quantized]
+    quantized = next((q for q in p.quantized if q in {m for _, m, _ in ours}), p.quantized[0])
+    models = [p.base, p.candidate, quantized]
     others = sorted({m for _, m, _ in ours} - set(models))
     rows = []
     for s, metric in sorted({(s, m) for s, _, m in ours}):
         get = lambda model, table=ours: table.get((s, model, metric))  # noqa: E731
-        cand, champ, quant = get(p.candidate), get(p.candidate, theirs), get(p.quantized)
+        cand, champ, quant = get(p.candidate), get(p.candidate, theirs), get(quantized)
         rows.append([s, metric, get(p.base), cand, champ, None if None in (cand, champ) else cand - champ,
-                     quant, None if None in (quant, cand) else quant - cand, get(p.quantized, theirs),
+                     quant, None if None in (quant, cand) else quant - cand, get(quantized, theirs),
                      *(get(m) for m in others)])
     headers = ["set", "metric", f"base ({p.base})", f"candidate ({p.candidate})", "champion", "candidate − champion",
-               f"quantized ({p.quantized})", "quantized − candidate", "champion quantized", *others]
+               f"quantized ({quantized})", "quantized − candidate", "champion quantized", *others]
     blocks = [Text(record["gate_summary"])] if record.get("gate_summary") else []
     if champion["gate"]:
         blocks.append(Table(["promotion gate", "outcome"], champion["gate"], "Promotion gate (version tags gate.*)"))
@@ -242,15 +243,16 @@ def answers_section(predictions: list[dict], champion_preds: list[dict], p: Revi
     champion = {(r.get("set", ""), r["id"]): r["prediction"] for r in champion_preds if r.get("model") == p.candidate}
     against = "champion" if champion else "base"
     with_sets = any(s for s, _ in by_row)  # predictions of several eval sets name theirs
+    quantized = next((q for q in p.quantized if any(q in models for models in by_row.values())), p.quantized[0])
     rows = []
     for key, models in by_row.items():
         first = next(iter(models.values()))
-        answer = {model: models.get(model, {}).get("prediction", "") for model in [p.base, p.candidate, p.quantized]}
+        answer = {model: models.get(model, {}).get("prediction", "") for model in [p.base, p.candidate, quantized]}
         other = champion.get(key, "") if champion else answer[p.base]
         change = 1 - difflib.SequenceMatcher(None, other, answer[p.candidate], autojunk=False).ratio()
         question = next((m["content"] for m in reversed(first.get("prompt", [])) if m.get("role") == "user"), "")
         texts = [question, first.get("reference", ""), answer[p.base], *([other] if champion else []),
-                 answer[p.candidate], answer[p.quantized]]
+                 answer[p.candidate], answer[quantized]]
         rows.append([round(change, 3), *([key[0]] if with_sets else []), *(short(t, p.max_chars) for t in texts)])
     rows.sort(key=lambda r: -r[0])
     headers = [f"change vs {against}", *(["set"] if with_sets else []), "question", "reference", "base",

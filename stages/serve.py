@@ -239,6 +239,16 @@ def served(model_dir: str | Path, base: str | None = None, backend: str = "auto"
             tmp.cleanup()
 
 
+def add_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL", help="models/turbomind, models/merged, models/adapter, ...")
+    p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("auto", "lmdeploy", "transformers"), default="auto",
+                   help="auto: lmdeploy where CUDA and lmdeploy are there, else transformers")
+    p.add_argument("--model-name", help="the name requests use (default: the folder's name)")
+
+
 def run_serve(args) -> int:
     """The front door: run the server in the foreground until Ctrl-C (or it exits)."""
     plan = plan_server(args.model, args.base, args.host, args.port, args.backend, args.model_name)
@@ -254,3 +264,16 @@ def run_serve(args) -> int:
         stop(proc)
         for tmp in plan.keep:
             tmp.cleanup()
+
+
+if __name__ == "__main__":  # `python -m stages.serve MODEL ...` = `tunepipe serve MODEL ...`, without the
+    import argparse           # other commands' imports (the eval stage starts it this way)
+
+    parser = argparse.ArgumentParser(prog="tunepipe serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    try:
+        sys.exit(run_serve(parser.parse_args()))
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +218,38 @@ def test_quantized_model_is_scored_and_labelled(evaluated):
     note = summary["notes"]["turbomind_w4a16_dequant"]
     assert note["dequantized_linears"] == 2 * 7 and "not TurboMind's kernels" in note["note"]
     assert (root / "eval/models/turbomind_w4a16_dequant/model.safetensors").exists()
+
+
+@needs_opencompass
+@needs_core
+def test_quantized_model_scored_through_tunepipe_serve(evaluated, tmp_path):
+    """eval.quantized_via server: the stage starts `tunepipe serve models/turbomind` (transformers'
+    server here, on the dequantized weights), OpenCompass scores it through the OpenAI API, and the
+    server is gone afterwards. Greedy answers through the API equal the in-process fallback's."""
+    root, rows = evaluated
+    run = tmp_path / "served"
+    run.mkdir()
+    for part in ("data", "models"):
+        (run / part).symlink_to(root / part)
+    proc = run_stage(run, "eval:\n  models: [merged, turbomind]\n  quantized_via: server\n  max_new_tokens: 48\n")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "eval: serving" in proc.stdout and "with transformers at http://127.0.0.1:" in proc.stdout
+    metrics = json.loads((run / "metrics/eval.json").read_text())["demo_qa"]
+    assert set(metrics) == {"merged", "turbomind_w4a16_served"}
+    summary = json.loads((run / "eval/summary.json").read_text())
+    assert summary["notes"]["turbomind_w4a16_served"]["served_by"] == "transformers"
+    config = (run / "eval/opencompass_config.py").read_text()
+    assert "opencompass.models.OpenAISDK" in config and "turbomind_w4a16_dequant" not in config
+    served = {p["id"]: p["prediction"] for p in map(json.loads, (run / "eval/predictions.jsonl").read_text().splitlines())
+              if p["model"] == "turbomind_w4a16_served"}
+    fallback = {p["id"]: p["prediction"] for p in map(json.loads, (root / "eval/predictions.jsonl").read_text().splitlines())
+                if p["model"] == "turbomind_w4a16_dequant"}
+    assert set(served) == {r["id"] for r in rows}
+    assert served == fallback
+    port = int(re.search(r"--port (\d+)", config).group(1))
+    with socket.socket() as s:  # the server was stopped: nothing listens on its port (TIME_WAIT aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
 
 
 @needs_opencompass
