@@ -161,13 +161,17 @@ def _call_object(call: dict) -> dict:
 
 def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as templates with tool support take them: calls with their arguments as objects, an
-    assistant's content emptied when it is the text of its own first call (the template writes it)."""
+    assistant's content without the text of its own first call (JSON, or ReAct's Action lines): the
+    template writes the call in its own format."""
     out = []
     for m in messages:
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = [_call_object(c) for c in m["tool_calls"]]
-            said = tool_calls.parse_call(m.get("content") or "")
-            content = "" if said and said["name"] == calls[0]["function"]["name"] else m.get("content") or ""
+            content = m.get("content") or ""
+            react = tool_calls.REACT.search(content)
+            said = tool_calls.parse_call(content)
+            if said and said["name"] == calls[0]["function"]["name"]:
+                content = content[:react.start()].strip() if react else ""  # a ReAct "Thought:" stays
             out.append({"role": "assistant", "content": content, "tool_calls": calls})
         else:
             out.append({"role": m["role"], "content": m["content"]})

@@ -1,0 +1,161 @@
+"""Tools in the chat template: conversations with `tools` render the functions offered, the calls
+and the results the way the base model's family does, in training (hf and xtuner backends), DPO,
+chat and eval alike; the loss covers the assistant's tool call, never the tool's result.
+
+Real tool-calling files from ../shared/data/medicalgpt (ShareGPT with tools and function_call /
+observation turns; ReAct "Action:/Action Input:" preference pairs) go through ingest, clean and
+split as dvc runs them; tokenizers are the tiny family tokenizers of tests/families.py (no model)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA, run_stage, write_params
+from families import FAMILIES, build_tokenizer
+from stages.chat_template import IGNORE, TemplateError, render_chat, tokenize_conversation
+from stages.common import read_jsonl
+
+GLAIVE = SHARED_DATA / "medicalgpt/glaive_toolcall_zh_demo.jsonl"
+REACT = SHARED_DATA / "medicalgpt/toolcall_dpo_zh_demo.jsonl"
+needs_shared = pytest.mark.skipif(not GLAIVE.is_file() or not REACT.is_file(),
+                                  reason=f"{SHARED_DATA / 'medicalgpt'} is absent (real data sets are not part of "
+                                         "the repository)")
+
+# One conversation: the question, the call, the tool's result, the answer built from it.
+TOOLS = [{"name": "lookup_drug", "description": "Look up a drug fact",
+          "parameters": {"type": "object", "properties": {"drug": {"type": "string"}}, "required": ["drug"]}}]
+CALL = {"name": "lookup_drug", "arguments": {"drug": "ibuprofen"}}
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful pharmacist."},
+    {"role": "user", "content": "What is the dose of ibuprofen?"},
+    {"role": "assistant", "content": json.dumps(CALL),
+     "tool_calls": [{"type": "function", "function": {"name": "lookup_drug", "arguments": '{"drug": "ibuprofen"}'}}]},
+    {"role": "tool", "content": '{"dose": "400 mg"}'},
+    {"role": "assistant", "content": "Take 400 mg with food."}]
+
+QWEN_CALL = '<tool_call>\n{"name": "lookup_drug", "arguments": {"drug": "ibuprofen"}}\n</tool_call>'
+LLAMA_CALL = '{"name": "lookup_drug", "parameters": {"drug": "ibuprofen"}}'
+
+
+def trained_text(tokenizer, enc: dict) -> str:
+    return tokenizer.decode([t for t in enc["labels"] if t != IGNORE])
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> dict:
+    return {name: build_tokenizer(FAMILIES[name]) for name in ("qwen2.5", "llama3", "glm4", "gemma2", "mistral")}
+
+
+def test_qwen_chatml_renders_schema_call_and_result_and_trains_only_the_assistant(tokenizers):
+    tok = tokenizers["qwen2.5"]
+    text = render_chat(tok, CONVERSATION, TOOLS)
+    schema = json.dumps({"type": "function", "function": TOOLS[0]})
+    assert text == (
+        "<|im_start|>system\nYou are a careful pharmacist.\n\n# Tools\n\nYou may call one or more functions to "
+        "assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n"
+        f"<tools>\n{schema}\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\nWhat is the dose of ibuprofen?<|im_end|>\n"
+        f"<|im_start|>assistant\n{QWEN_CALL}<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n{\"dose\": \"400 mg\"}\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nTake 400 mg with food.<|im_end|>\n")
+    enc = tokenize_conversation(tok, CONVERSATION, 4096, tools=TOOLS)
+    assert enc["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert trained_text(tok, enc) == f"{QWEN_CALL}<|im_end|>Take 400 mg with food.<|im_end|>"
+
+
+def test_llama3_renders_tools_as_llama31(tokenizers):
+    tok = tokenizers["llama3"]
+    text = render_chat(tok, CONVERSATION, TOOLS)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n")
+    assert json.dumps({"type": "function", "function": TOOLS[0]}, indent=4) in text
+    assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{LLAMA_CALL}<|eot_id|>" in text
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"dose": "400 mg"}<|eot_id|>' in text
+    enc = tokenize_conversation(tok, CONVERSATION, 4096, tools=TOOLS)
+    assert trained_text(tok, enc) == f"{LLAMA_CALL}<|eot_id|>Take 400 mg with food.<|eot_id|>"
+
+
+@pytest.mark.parametrize("name", ["glm4", "gemma2", "mistral"])
+def test_templates_without_tools_are_refused_in_one_line(tokenizers, name):
+    with pytest.raises(TemplateError, match="does not render tools") as e:
+        tokenize_conversation(tokenizers[name], CONVERSATION, 4096, tools=TOOLS)
+    assert "\n" not in str(e.value)
+    plain = [m for m in CONVERSATION if m["role"] in ("user", "system")] + [{"role": "assistant", "content": "Hi."}]
+    assert tokenize_conversation(tokenizers[name], plain, 4096)["input_ids"]  # rows without tools: as before
+
+
+@pytest.fixture(scope="module")
+def split_tools(tmp_path_factory):
+    """ingest -> clean -> split of both real tool files, every row in train (nothing held out)."""
+    folder = tmp_path_factory.mktemp("tools")
+    write_params(folder, {"ingest": {"sources": [{"path": str(GLAIVE)}, {"path": str(REACT)}]},
+                          "clean": {"preference": "chosen"},
+                          "split": {"val_ratio": 0.05, "test_ratio": 0.05, "held_out": [], "mix": []}})
+    for stage in ("ingest", "clean", "split"):
+        run_stage(folder, stage)
+    return folder
+
+
+@needs_shared
+def test_glaive_rows_reach_training_with_tools_and_calls(split_tools, tokenizers):
+    from stages.train import load_examples
+
+    rows = read_jsonl(split_tools / "data/split/train.jsonl")
+    glaive = [r for r in rows if r["source"]["file"] == str(GLAIVE)]
+    with_calls = [r for r in glaive if any(m.get("tool_calls") for m in r["messages"])]
+    assert with_calls and all(r.get("tools") for r in with_calls)
+    assert all(any(m["role"] == "tool" for m in r["messages"]) for r in with_calls)
+    tok = tokenizers["qwen2.5"]
+    # the source's first row: generate_invoice, its observation, the answer
+    row = next(r for r in glaive if r["source"]["row"] == 1)
+    text = render_chat(tok, row["messages"], row["tools"])
+    assert '<tools>\n{"type": "function", "function": {"name": "generate_invoice", "description": "生成发票"' in text
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "generate_invoice", "arguments": {"customer_name": "约翰·多伊"' in text
+    result = next(m["content"] for m in row["messages"] if m["role"] == "tool")
+    assert f"<|im_start|>user\n<tool_response>\n{result}\n</tool_response><|im_end|>" in text
+    trained = trained_text(tok, tokenize_conversation(tok, row["messages"], 100_000, tools=row["tools"]))
+    assert trained.startswith('<tool_call>\n{"name": "generate_invoice"') and "</tool_call><|im_end|>" in trained
+    assert result not in trained and "INV12345" not in trained.split("</tool_call>")[0]
+    assert trained.endswith("以及3根香蕉，总金额为$1.5。<|im_end|>")
+    # the hf backend's examples are exactly these, one per train row with an answer in max_length
+    examples = load_examples(str(split_tools / "data/split/train.jsonl"), tok, 100_000)
+    assert len(examples) == len(rows)
+    assert sum(tok.decode([t for t in e["labels"] if t != IGNORE]).count("<tool_call>") for e in examples) == sum(
+        len(m["tool_calls"]) for r in rows for m in r["messages"] if m.get("tool_calls"))
+
+
+@needs_shared
+def test_react_pairs_render_as_the_familys_calls(split_tools, tokenizers):
+    rows = [r for r in read_jsonl(split_tools / "data/split/train.jsonl") if r["source"]["file"] == str(REACT)]
+    row = next(r for r in rows if r["source"]["row"] == 1)  # chosen: Action: get_weather / Action Input: {...}
+    assert row["messages"][-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"北京"}'}
+    qwen, llama = tokenizers["qwen2.5"], tokenizers["llama3"]
+    trained = trained_text(qwen, tokenize_conversation(qwen, row["messages"], 4096, tools=row["tools"]))
+    assert trained == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>'
+    assert '"name": "get_weather", "description": "获取指定城市的天气信息"' in render_chat(qwen, row["messages"], row["tools"])
+    trained = trained_text(llama, tokenize_conversation(llama, row["messages"], 4096, tools=row["tools"]))
+    assert trained == '{"name": "get_weather", "parameters": {"city": "北京"}}<|eot_id|>'
+    assert "Action:" not in render_chat(qwen, row["messages"], row["tools"])
+
+
+@needs_shared
+def test_xtuner_backend_and_dpo_take_tool_turns(split_tools, tokenizers):
+    from stages.dpo import load_pairs
+    from stages.ingest import Source, open_source
+    from stages.train import load_examples
+    from stages.train_xtuner import encode, load_conversations
+
+    tok = tokenizers["qwen2.5"]
+    path = split_tools / "data/split/train.jsonl"
+    assert [e["labels"] for e in encode(load_conversations(path), tok, 100_000, path)] == [
+        e["labels"] for e in load_examples(str(path), tok, 100_000)]
+    # DPO on the ReAct pairs as ingest reads them: the chosen call is scored in the family's format
+    _, records = open_source(Source(path=str(REACT)))
+    pairs_file = split_tools / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    pairs = load_pairs(str(pairs_file), tok, 4096)
+    assert len(pairs) == 11
+    chosen = tok.decode([t for t in pairs[0]["chosen"]["labels"] if t != IGNORE])
+    assert chosen == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>'
