@@ -51,14 +51,16 @@ TEMPLATES = {
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
     # Llama-3; with tools as Llama-3.1's template renders them with tools_in_user_message=false: the
-    # schemas in the system turn, a call as {"name", "parameters"}, results in an ipython turn.
+    # schemas in the system turn, a call as {"name", "parameters"}, results in an ipython turn (one
+    # difference: no blank line after the last schema when there is no system text, so the system
+    # turn survives the trim of a renderer that takes it as a plain system message, OpenCompass).
     "llama3": (
         "{{ bos_token }}{% if tools %}{{ '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n'"
         " + 'You have access to the following functions. To call a function, please respond with JSON for a '"
         " + 'function call.Respond in the format {\"name\": function name, \"parameters\": dictionary of '"
         " + 'argument name and its value}.Do not use variables.\n\n' }}"
-        "{% for tool in tools %}{{ tool | tojson(indent=4) }}{{ '\n\n' }}{% endfor %}"
-        "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}{% endif %}"
+        "{% for tool in tools %}{% if not loop.first %}{{ '\n\n' }}{% endif %}{{ tool | tojson(indent=4) }}{% endfor %}"
+        "{% if messages and messages[0]['role'] == 'system' %}{{ '\n\n' + messages[0]['content'] | trim }}{% endif %}"
         "{{ '<|eot_id|>' }}{% endif %}"
         "{% for message in messages %}"
         "{% if tools and loop.first and message['role'] == 'system' %}"
@@ -257,6 +259,25 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
         stops.append(tokenizer.eos_token_id)
     return stops
+
+
+def system_with_tools(tokenizer, messages: list[dict], tools: list | None) -> list[dict]:
+    """A prompt's messages with the tools folded into its system message, for renderers that cannot
+    pass tools to the template (OpenCompass): rendered without tools they give exactly what
+    render_chat(messages, tools) gives. A TemplateError where the template writes tools elsewhere."""
+    if not tools:
+        return messages
+    want = render_chat(tokenizer, messages, tools, add_generation_prompt=True)
+    rest = template_messages(messages[1:] if messages and messages[0]["role"] == "system" else messages)
+    marker = "\x00system\x00"
+    before, _, after = _render(tokenizer, [{"role": "system", "content": marker}, *rest],
+                               add_generation_prompt=True).partition(marker)
+    if want.startswith(before) and want.endswith(after) and len(before) + len(after) <= len(want):
+        folded = [{"role": "system", "content": want[len(before):len(want) - len(after)]}, *rest]
+        if _render(tokenizer, folded, add_generation_prompt=True) == want:
+            return folded
+    raise TemplateError(f"tokenizer {tokenizer.name_or_path!r}: its chat template does not write the tools in the "
+                        "system turn, so they cannot be given to a renderer without tools (OpenCompass)")
 
 
 def _call_turn_end(tokenizer, text: str, messages: list[dict], index: int, tools, start: int, stop_id: int) -> int:
