@@ -159,3 +159,34 @@ def test_xtuner_backend_and_dpo_take_tool_turns(split_tools, tokenizers):
     assert len(pairs) == 11
     chosen = tok.decode([t for t in pairs[0]["chosen"]["labels"] if t != IGNORE])
     assert chosen == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>'
+
+
+def test_eval_prompts_with_tools_are_what_training_renders(tmp_path, tokenizers):
+    """eval's tool-call rows: OpenCompass (which passes no tools) renders the folded prompt exactly as
+    render_chat renders the conversation with its tools, for both families with tool support."""
+    import os
+    import subprocess
+
+    from conftest import REPO, venv_python
+    from stages.eval_sets import fold_tools, tool_rows
+
+    record = {"id": "r1", "messages": CONVERSATION, "tools": TOOLS}
+    no_system = {"id": "r2", "messages": CONVERSATION[1:], "tools": TOOLS}
+    python = venv_python("opencompass")
+    script = ("import json, sys\nfrom stages.eval import opencompass_prompt\n"
+              "print(json.dumps([opencompass_prompt(sys.argv[1], m) for m in json.loads(sys.argv[2])]))")
+    for name in ("qwen2.5", "llama3"):
+        tok = tokenizers[name]
+        rows = fold_tools(tool_rows([record, no_system], 0), tok)
+        assert all("tools" not in r and r["answer"] == json.dumps(CALL, sort_keys=True) for r in rows)
+        folder = tmp_path / name
+        tok.save_pretrained(folder)
+        prompts = [r["messages"][:-1] for r in rows]
+        out = subprocess.run([str(python), "-c", script, str(folder), json.dumps(prompts)], capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        want = [render_chat(tok, r["messages"][:2], TOOLS, add_generation_prompt=True) for r in (record,)] + [
+            render_chat(tok, no_system["messages"][:1], TOOLS, add_generation_prompt=True)]
+        assert got == want
+        assert ("lookup_drug" in want[1]) and ("Take 400 mg" not in want[0])
