@@ -190,3 +190,27 @@ def test_eval_prompts_with_tools_are_what_training_renders(tmp_path, tokenizers)
             render_chat(tok, no_system["messages"][:1], TOOLS, add_generation_prompt=True)]
         assert got == want
         assert ("lookup_drug" in want[1]) and ("Take 400 mg" not in want[0])
+
+
+@needs_shared
+def test_split_writes_tools_into_xtuners_format(split_tools):
+    from stages.split import TOOLS_IN_SYSTEM
+
+    rows = read_jsonl(split_tools / "data/split/train.jsonl")
+    lines = read_jsonl(split_tools / "data/split/xtuner/train.jsonl")
+    assert len(lines) == len(rows)
+    for row, line in zip(rows, lines):
+        first = line["conversation"][0]
+        if not row.get("tools"):
+            assert TOOLS_IN_SYSTEM not in first.get("system", "")
+            continue
+        names = [t["name"] for t in row["tools"]]
+        assert first["system"].startswith(TOOLS_IN_SYSTEM) and all(f'"name":"{n}"' in first["system"] for n in names)
+        for m in row["messages"]:
+            if m.get("tool_calls"):  # the call as JSON in an output; its result in the next input
+                name = m["tool_calls"][0]["function"]["name"]
+                assert any(t["output"].startswith(f'{{"name":"{name}","arguments":{{') for t in line["conversation"])
+            if m["role"] == "tool":
+                assert any(m["content"] in t["input"] for t in line["conversation"])
+    react = next(line for row, line in zip(rows, lines) if row["source"] == {"file": str(REACT), "row": 1})
+    assert react["conversation"][0]["output"] == '{"name":"get_weather","arguments":{"city":"北京"}}'
