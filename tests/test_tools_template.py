@@ -214,3 +214,21 @@ def test_split_writes_tools_into_xtuners_format(split_tools):
                 assert any(m["content"] in t["input"] for t in line["conversation"])
     react = next(line for row, line in zip(rows, lines) if row["source"] == {"file": str(REACT), "row": 1})
     assert react["conversation"][0]["output"] == '{"name":"get_weather","arguments":{"city":"北京"}}'
+
+
+@pytest.mark.parametrize("reply", [QWEN_CALL, LLAMA_CALL, f"{QWEN_CALL}\nI will look it up."])
+def test_the_tool_call_check_reads_each_familys_call(reply):
+    from stages.tool_calls import score_one
+
+    assert score_one(reply, CALL)["accuracy"]
+
+
+def test_chat_prompt_renders_the_tools(tokenizers):
+    from types import SimpleNamespace
+
+    from stages.chat import prompt_text
+
+    tok = tokenizers["qwen2.5"]
+    prompt = prompt_text(SimpleNamespace(tokenizer=tok), CONVERSATION[:2], TOOLS)
+    assert prompt == render_chat(tok, CONVERSATION[:2], TOOLS, add_generation_prompt=True)
+    assert "<tools>" in prompt and prompt.endswith("<|im_start|>assistant\n")
