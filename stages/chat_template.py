@@ -7,7 +7,11 @@ with it, so they render the same tokens. This module learns from the template it
 from one family's strings:
 - which tokens a model is trained on: each assistant turn's content and the end-of-turn token
   that follows it (`tokenize_conversation`);
-- which token ends an assistant turn, i.e. where generation stops (`stop_token_ids`).
+- which token ends an assistant turn, i.e. where generation stops (`stop_token_ids`);
+- whether it renders tools (`renders_tools`): conversations with tools (schemas, calls, results)
+  are given to it as `apply_chat_template(messages, tools=...)` takes them (`render_chat`), the
+  calls trained, the results not; OpenCompass, which passes no tools, gets them folded into the
+  system message exactly as the template writes them (`system_with_tools`).
 It also holds templates written from the families' published formats, for a base model without
 one (`base.chat_template`, e.g. Bloomz) and for the demo model (ChatML). Stdlib only: stages in
 every environment import it.

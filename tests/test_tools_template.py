@@ -232,3 +232,25 @@ def test_chat_prompt_renders_the_tools(tokenizers):
     prompt = prompt_text(SimpleNamespace(tokenizer=tok), CONVERSATION[:2], TOOLS)
     assert prompt == render_chat(tok, CONVERSATION[:2], TOOLS, add_generation_prompt=True)
     assert "<tools>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_demo_tool_rows_are_held_out_and_eval_prompts_carry_the_tools(workdir):
+    """The demo chain: its tool-calling file is held out of training (split.held_out), so train and
+    val have no tools; eval's tool-call set gets the demo model's (ChatML) rendering of the tools."""
+    from stages.common import load_base_tokenizer, load_params
+    from stages.eval import EvalParams, test_sets
+
+    for stage in ("demo_data", "ingest", "clean", "split", "base"):
+        run_stage(workdir, stage)
+    split = workdir / "data/split"
+    assert not any(r.get("tools") for name in ("train", "val") for r in read_jsonl(split / f"{name}.jsonl"))
+    test = [r for r in read_jsonl(split / "test.jsonl") if r.get("tools")]
+    assert len(test) == 30
+    p = load_params("eval", EvalParams, workdir / "params.yaml")
+    kind, rows = test_sets(split / "test.jsonl", p, str(workdir / "models/base"))[p.tool_calls.name]
+    assert kind == "tool_calls" and len(rows) == 30 and all("tools" not in r for r in rows)
+    tok = load_base_tokenizer(workdir / "models/base")
+    record = next(r for r in test if r["id"] == rows[0]["id"])
+    prompt = tok.apply_chat_template(rows[0]["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt == render_chat(tok, record["messages"][:2], record["tools"], add_generation_prompt=True)
+    assert '"name": "lookup_drug"' in prompt and '"name": "check_stock"' in prompt and "<tool_call>" in prompt
