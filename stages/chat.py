@@ -15,10 +15,10 @@ MODEL is one of the folders the pipeline writes:
 
 Prompts are rendered with the model's own chat template (`tokenizer.apply_chat_template`, the
 pipeline's one template; with --tools FILE, a JSON list of function definitions, the template
-renders them as in training: stages/chat_template.py `render_chat`) and generation stops at the stop tokens in the folder's
-generation_config.json (the merge stage writes the template's end-of-turn token there), or for an
-adapter at the template's end-of-turn token (stages.chat_template.stop_token_ids), as merge would
-write it. Greedy decoding unless --temperature > 0. The answer streams as it is generated.
+renders them as in training: stages/chat_template.py `render_chat`) and generation stops at the
+stop tokens in the folder's generation_config.json (the merge stage writes the template's
+end-of-turn token there), or for an adapter at the template's end-of-turn token
+(stages.chat_template.stop_token_ids), as merge would write it. Greedy decoding unless --temperature > 0. The answer streams as it is generated.
 """
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="models/merged, models/adapter, models/turbomind, ...")
     p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
     p.add_argument("--system", help="system message at the start of the conversation")
-    p.add_argument("--tools", help="a JSON file with the list of tools (functions) offered, rendered by the chat template")
+    p.add_argument("--tools", help="a JSON file: the list of tools (functions) offered, as the chat template renders them")
     p.add_argument("-p", "--prompt", help="ask one question, print the answer, exit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)

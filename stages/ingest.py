@@ -526,7 +526,8 @@ def react_calls(messages: list[dict]) -> list[dict]:
     for m in messages:
         if m["role"] == "assistant" and "tool_calls" not in m and tool_calls.REACT.search(m["content"]):
             call = tool_calls.parse_call(m["content"])
-            arguments = call["arguments"] if isinstance(call["arguments"], str) else orjson.dumps(call["arguments"]).decode()
+            arguments = call["arguments"]
+            arguments = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
             m["tool_calls"] = [{"type": "function", "function": {"name": call["name"], "arguments": arguments}}]
     return messages
 

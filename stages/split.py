@@ -335,8 +335,9 @@ def to_xtuner(record: dict) -> dict:
     """xtuner's conversation format: [{system?, input, output}, ...] one item per exchange. It has
     no tools or tool role: the functions offered are written into the system text (after the
     record's own, TOOLS_IN_SYSTEM then one JSON definition a line), a call is the assistant's output
-    as JSON (call_text; a ReAct call too; without tools, its content as it is), and a tool result is the next exchange's input. (For the pipeline's own
-    xtuner backend this file is not used: it renders train.jsonl with the base model's template.)"""
+    as JSON (call_text; a ReAct call too; without tools, its content as it is), and a tool result
+    is the next exchange's input. (The pipeline's own xtuner backend does not read this file: it
+    renders train.jsonl with the base model's template.)"""
     conversation, system, pending = [], "", None
     listed = "\n".join(orjson.dumps(t).decode() for t in record.get("tools") or [])
     for m in record["messages"]:
