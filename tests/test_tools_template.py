@@ -254,3 +254,15 @@ def test_demo_tool_rows_are_held_out_and_eval_prompts_carry_the_tools(workdir):
     prompt = tok.apply_chat_template(rows[0]["messages"][:-1], tokenize=False, add_generation_prompt=True)
     assert prompt == render_chat(tok, record["messages"][:2], record["tools"], add_generation_prompt=True)
     assert '"name": "lookup_drug"' in prompt and '"name": "check_stock"' in prompt and "<tool_call>" in prompt
+
+
+def test_internlm2_published_template_has_no_tools():
+    """InternLM2/2.5 keep their own template (plain ChatML): tool rows are refused, not rendered without tools."""
+    from remote_code_fixture import INTERNLM2_CHAT_TEMPLATE
+    from stages.chat_template import renders_tools
+
+    tok = build_tokenizer(FAMILIES["qwen2.5"])
+    tok.chat_template = INTERNLM2_CHAT_TEMPLATE
+    assert not renders_tools(tok)
+    with pytest.raises(TemplateError, match="does not render tools"):
+        tokenize_conversation(tok, CONVERSATION, 4096, tools=TOOLS)
