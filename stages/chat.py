@@ -14,10 +14,11 @@ MODEL is one of the folders the pipeline writes:
   run by transformers, not TurboMind's kernels (`tunepipe serve` runs those on a GPU).
 
 Prompts are rendered with the model's own chat template (`tokenizer.apply_chat_template`, the
-pipeline's one template) and generation stops at the stop tokens in the folder's
-generation_config.json (the merge stage writes the template's end-of-turn token there), or for an
-adapter at the template's end-of-turn token (stages.chat_template.stop_token_ids), as merge would
-write it. Greedy decoding unless --temperature > 0. The answer streams as it is generated.
+pipeline's one template; with --tools FILE, a JSON list of function definitions, the template
+renders them as in training: stages/chat_template.py `render_chat`) and generation stops at the
+stop tokens in the folder's generation_config.json (the merge stage writes the template's
+end-of-turn token there), or for an adapter at the template's end-of-turn token
+(stages.chat_template.stop_token_ids), as merge would write it. Greedy decoding unless --temperature > 0. The answer streams as it is generated.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from stages.chat_template import stop_token_ids
+from stages.chat_template import render_chat, renders_tools, stop_token_ids
 from stages.common import StageError, pick_device, pick_dtype, resolve_base
 from stages.remote_code import load_kwargs
 
@@ -133,17 +134,18 @@ def dequantized(folder: Path, dtype: str, keep: list) -> Path:
 
 # --- generate -----------------------------------------------------------------------------------
 
-def prompt_text(cm: ChatModel, messages: list[dict]) -> str:
-    return cm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def prompt_text(cm: ChatModel, messages: list[dict], tools: list | None = None) -> str:
+    """The prompt as training rendered it: the model's chat template, with the tools offered."""
+    return render_chat(cm.tokenizer, messages, tools, add_generation_prompt=True)
 
 
 def generate_reply(cm: ChatModel, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                   on_text: Callable[[str], None] | None = None) -> Reply:
+                   on_text: Callable[[str], None] | None = None, tools: list | None = None) -> Reply:
     """The model's next assistant turn after `messages`, streamed piece by piece to `on_text`."""
     import torch
     from transformers import TextIteratorStreamer
 
-    batch = cm.tokenizer(prompt_text(cm, messages), return_tensors="pt", add_special_tokens=False)
+    batch = cm.tokenizer(prompt_text(cm, messages, tools), return_tensors="pt", add_special_tokens=False)
     batch = batch.to(cm.model.device)
     streamer = TextIteratorStreamer(cm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -176,17 +178,32 @@ def generate_reply(cm: ChatModel, messages: list[dict], max_new_tokens: int = 25
 
 # --- the front door (stages/cli.py parses the arguments) ------------------------------------------
 
+def load_tools(path: str) -> list[dict]:
+    """--tools: a JSON list of function definitions (bare, or OpenAI's {"type": "function", ...})."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StageError(f"--tools {path}: cannot read a JSON list of tools ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise StageError(f"--tools {path}: expected a JSON list of tool (function) definitions")
+    return tools
+
+
 def run_chat(args, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     cm = load_chat_model(args.model, args.base, args.device, args.dtype)
+    tools = load_tools(args.tools) if getattr(args, "tools", None) else None
+    if tools and not renders_tools(cm.tokenizer):
+        raise StageError(f"{args.model}: its chat template does not render tools (--tools): stages/chat_template.py "
+                         "lists the templates that do")
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(question: str) -> Reply:
         messages = [*history, {"role": "user", "content": question}]
         if args.show_prompt:
-            print(f"--- prompt ---\n{prompt_text(cm, messages)}\n--------------", file=err, flush=True)
+            print(f"--- prompt ---\n{prompt_text(cm, messages, tools)}\n--------------", file=err, flush=True)
         reply = generate_reply(cm, messages, args.max_new_tokens, args.temperature,
-                               on_text=lambda piece: (out.write(piece), out.flush()))
+                               on_text=lambda piece: (out.write(piece), out.flush()), tools=tools)
         out.write("\n")
         out.flush()
         if reply.finish == "length":

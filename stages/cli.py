@@ -1,6 +1,6 @@
 """tunepipe: the project's command line (installed by pyproject as `tunepipe`).
 
-  tunepipe chat MODEL [--base BASE] [--system TEXT] [-p QUESTION] [--temperature T] [--max-new-tokens N]
+  tunepipe chat MODEL [--base BASE] [--system TEXT] [--tools FILE] [-p QUESTION] [--temperature T] [--max-new-tokens N]
   tunepipe serve MODEL [--host 127.0.0.1] [--port 8000] [--backend auto|lmdeploy|transformers]
 
 `chat` and `serve` are front doors onto stages/chat.py and stages/serve.py (their docstrings say
@@ -162,6 +162,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="models/merged, models/adapter, models/turbomind, ...")
     p.add_argument("--base", help="an adapter's base (default: adapter_config.json's base_model_name_or_path)")
     p.add_argument("--system", help="system message at the start of the conversation")
+    p.add_argument("--tools", help="a JSON file: the list of tools (functions) offered, as the chat template renders them")
     p.add_argument("-p", "--prompt", help="ask one question, print the answer, exit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)

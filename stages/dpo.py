@@ -79,9 +79,11 @@ def load_pairs(path: str, tokenizer, max_length: int) -> list[dict]:
                              "messages do not end with the chosen answer)")
         prompt = row["messages"][:-1]
         try:
-            chosen = tokenize_conversation(tokenizer, row["messages"], max_length, stop_id)
-            other = tokenize_conversation(tokenizer, [*prompt, {"role": "assistant", "content": rejected["content"]}],
-                                          max_length, stop_id)
+            tools = row.get("tools")
+            chosen = tokenize_conversation(tokenizer, row["messages"], max_length, stop_id, tools)
+            answer = {k: rejected[k] for k in ("content", "tool_calls") if k in rejected}
+            other = tokenize_conversation(tokenizer, [*prompt, {"role": "assistant", **answer}], max_length, stop_id,
+                                          tools)
         except TemplateError as e:
             raise StageError(f"{path}: row {n} (id {row.get('id')}): {e}") from None
         shared = 0  # the prompt (and any identical start of the answers) is the same in both: not scored

@@ -118,7 +118,8 @@ def eval_rows(test_path: Path, max_samples: int, records: list[dict] | None = No
             raise StageError(f"{test_path}: row {n} (id {row.get('id')}): column 'messages' has no "
                              "assistant turn after a prompt to score")
         convo = [{"role": m["role"], "content": m["content"]} for m in messages[:last + 1]]
-        rows.append({"id": row.get("id", str(n)), "messages": convo, "answer": convo[-1]["content"]})
+        rows.append({"id": row.get("id", str(n)), "messages": convo, "answer": convo[-1]["content"],
+                     **({"tools": row["tools"]} if row.get("tools") else {})})
     return rows[:max_samples] if max_samples > 0 else rows
 
 
@@ -451,6 +452,9 @@ def test_sets(test_path: Path, p: EvalParams, base_dir: str) -> dict[str, tuple[
             p.mcq.name: ("mcq", eval_sets.mcq_rows([r for r in records if eval_sets.kind(r) == "mcq"], p.max_samples)),
             p.tool_calls.name: ("tool_calls", eval_sets.tool_rows(
                 [r for r in records if eval_sets.kind(r) == "tool_calls"], p.max_samples))}
+    if any(r.get("tools") for _, rows in sets.values() for r in rows):  # OpenCompass passes no tools
+        tokenizer = load_base_tokenizer(base_dir)
+        sets = {name: (kind, eval_sets.fold_tools(rows, tokenizer)) for name, (kind, rows) in sets.items()}
     if p.mcq.mode == "ppl" and sets[p.mcq.name][1]:
         sets[p.mcq.name] = ("mcq", eval_sets.with_ppl_prompts(sets[p.mcq.name][1], load_base_tokenizer(base_dir)))
     return {name: kind_rows for name, kind_rows in sets.items() if kind_rows[1]}

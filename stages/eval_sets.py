@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages import tool_calls
+from stages import chat_template, tool_calls
 from stages.common import Params, StageError
 from stages.mcq import LETTERS
 
@@ -75,8 +75,26 @@ def tool_rows(records: list[dict], max_samples: int) -> list[dict]:
         if index == 0 or not any(m["role"] == "user" for m in r["messages"][:index]):
             raise StageError(f"test record {r['id']}: its first tool call has no user turn before it")
         rows.append({"id": r["id"], "messages": plain(r["messages"][:index + 1]),
-                     "answer": json.dumps(call, ensure_ascii=False, sort_keys=True)})
+                     "answer": json.dumps(call, ensure_ascii=False, sort_keys=True),
+                     **({"tools": r["tools"]} if r.get("tools") else {})})
     return rows[:max_samples] if max_samples > 0 else rows
+
+
+def fold_tools(rows: list[dict], tokenizer) -> list[dict]:
+    """Rows with "tools": the tools written into the prompt's system message as the chat template
+    renders them (chat_template.system_with_tools), since OpenCompass renders messages without tools;
+    the model sees the prompt training gave it. The answer turn stays as it is."""
+    out = []
+    for r in rows:
+        if not r.get("tools"):
+            out.append(r)
+            continue
+        try:
+            prompt = chat_template.system_with_tools(tokenizer, r["messages"][:-1], r["tools"])
+        except chat_template.TemplateError as e:
+            raise StageError(f"test record {r['id']}: {e}") from None
+        out.append({k: v for k, v in r.items() if k != "tools"} | {"messages": [*plain(prompt), r["messages"][-1]]})
+    return out
 
 
 def with_ppl_prompts(rows: list[dict], tokenizer) -> list[dict]:

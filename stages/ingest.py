@@ -4,7 +4,8 @@ Containers: xlsx (any sheet; python-calamine), csv/tsv in any encoding (BOM, UTF
 charset-normalizer: GB18030/GBK, Big5, ...), JSON arrays, JSON lines (also in ".json" files),
 docx exam papers (question and answer blocks; python-docx) and plain-text corpora.
 Formats: table (a column mapping), alpaca, sharegpt (with tools and function_call/observation
-turns), messages (OpenAI), xtuner (conversation of system/input/output), preference
+turns; in a row with tools, an assistant turn in ReAct style, "Action: name" / "Action Input: {json}",
+is a tool call too), messages (OpenAI), xtuner (conversation of system/input/output), preference
 (chosen/rejected), mcq (multiple-choice questions from columns, JSON fields or text blocks;
 stages/mcq.py) and text (continued pretraining). `format: auto` (the default) detects the format
 and the column mapping where that is unambiguous, and says what it detected.
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import orjson
 
-from stages import mcq
+from stages import mcq, tool_calls
 from stages.common import Params, StageError, atomic_path, load_params, run_stage, write_json
 from stages.records import append_file, in_forked_shares, no_cycle_collection, record_id, spans_of_share
 
@@ -519,6 +520,18 @@ def parse_tools(row: dict, key: str) -> list | None:
     return tools
 
 
+def react_calls(messages: list[dict]) -> list[dict]:
+    """A row with tools: its ReAct assistant turns ("Action: name\\nAction Input: {json}") get the
+    call in "tool_calls" as function_call turns do (the text stays in "content")."""
+    for m in messages:
+        if m["role"] == "assistant" and "tool_calls" not in m and tool_calls.REACT.search(m["content"]):
+            call = tool_calls.parse_call(m["content"])
+            arguments = call["arguments"]
+            arguments = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+            m["tool_calls"] = [{"type": "function", "function": {"name": call["name"], "arguments": arguments}}]
+    return messages
+
+
 def turns(row: dict, key: str, sharegpt_keys: tuple[str, str], limit: int) -> list[dict]:
     """ShareGPT turns ({from, value}, named sharegpt_keys) or OpenAI messages ({role, content}) as
     canonical messages. Column names for errors are only built when there is one (this runs for
@@ -631,7 +644,9 @@ def converter(fmt: str, src: Source, mapping: dict, limit: int) -> Callable[[dic
             messages = turns(row, key, sharegpt_keys, limit)
             system = row_system(row, system_key)
             tools = parse_tools(row, tools_key)
-            return system + messages, {} if tools is None else {"tools": tools}, meta_of(row, used)
+            if tools is None:
+                return system + messages, {}, meta_of(row, used)
+            return system + react_calls(messages), {"tools": tools}, meta_of(row, used)
     elif fmt == "xtuner":
         conversation = k("conversation")
         used = {conversation}
@@ -670,6 +685,8 @@ def converter(fmt: str, src: Source, mapping: dict, limit: int) -> Callable[[dic
             chosen, rejected = (preference_answer(row, name, limit) for name in (chosen_key, rejected_key))
             messages = messages + [{"role": "assistant", "content": chosen}]
             extra["rejected"] = {"role": "assistant", "content": rejected}
+            if "tools" in extra:
+                react_calls([*messages, extra["rejected"]])
             return system + messages, extra, meta_of(row, {key, system_key, tools_key, chosen_key, rejected_key})
     elif fmt == "exam":
         def convert(row: dict) -> Converted:

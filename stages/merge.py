@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.chat_template import stop_token_ids
+from stages.chat_template import render_chat, stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, pick_dtype,
                            read_jsonl, resolve_base, run_stage, write_json)
 from stages.remote_code import shipped_code
@@ -92,7 +92,7 @@ def main() -> None:
                                                 device_map=settings["device"])
     model = PeftModel.from_pretrained(base, args.adapter).eval()
 
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in read_jsonl(args.val)[:p.check_rows]]
+    texts = [render_chat(tokenizer, r["messages"], r.get("tools")) for r in read_jsonl(args.val)[:p.check_rows]]
     # one conversation at a time (no padding): at most one row's fp32 logits besides the kept ones
     rows = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for t in texts]
     with torch.no_grad():

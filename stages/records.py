@@ -7,8 +7,10 @@ rejected assistant message; "messages" ends with the chosen one), "text" (a cont
 chunk; "messages" is then empty), "mcq" (a multiple-choice question: {"options": [texts in letter
 order], "answer": letter}; "messages" asks it with its options and answers with the letter;
 stages/mcq.py) and, after clean, "group" (the id of the record it near-duplicates).
-Assistant messages that call a tool keep the call as JSON text in "content" (so the chat template
-renders it) and structured in "tool_calls"; tool results are messages with role "tool".
+Assistant messages that call a tool keep the call as text in "content" (JSON, or ReAct's
+"Action:/Action Input:" lines) and structured in "tool_calls" (OpenAI style, arguments as JSON
+text); tool results are messages with role "tool". The chat template renders the calls from
+"tool_calls" in the family's own format (stages/chat_template.py, `template_messages`).
 
 JSON lines are read and written with orjson (several times faster than json on 1M-row files).
 A stage that passes a record on unchanged writes back the line it read. ingest spreads its per-row

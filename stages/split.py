@@ -19,6 +19,7 @@ the seeded shuffles and samples, and a stratify field that is not always text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import functools
 import random
@@ -136,10 +137,12 @@ def codes(values: pl.Series) -> tuple[np.ndarray, list[str]]:
     return ranks(values), values.unique().sort().to_list()
 
 
-def xtuner_conversations(messages: pl.Series) -> pl.DataFrame:
+def xtuner_conversations(messages: pl.Series, with_tools: dict[int, dict] | None = None) -> pl.DataFrame:
     """Each row's conversation as to_xtuner makes it: the system prompt (or null) and the turns
     [{input, output}, ...]. Conversations of the usual shape (an optional system prompt, then user
-    and assistant turns in turn) are taken apart column-wise, others by to_xtuner."""
+    and assistant turns in turn) are taken apart column-wise, others by to_xtuner, and so are the
+    records that offer tools ({row: record}, read whole: `messages` has only roles and contents)."""
+    with_tools = with_tools or {}
     flat = pl.from_arrow(messages.to_arrow(compat_level=pl.CompatLevel.newest()).flatten())
     role, content = flat.struct.field("role"), flat.struct.field("content")
     length = messages.list.len().to_numpy().astype(np.int64)
@@ -155,6 +158,7 @@ def xtuner_conversations(messages: pl.Series) -> pl.DataFrame:
     # out of place: not a user message at an even place, not an assistant's at an odd one, no content
     wrong = (turn >= 0) & ~np.where(turn % 2 == 0, is_role("user"), is_role("assistant")) | content.is_null().to_numpy()
     usual = ((length - system) % 2 == 0) & (np.bincount(row_of[wrong], minlength=len(messages)) == 0)
+    usual[list(with_tools)] = False
 
     # the usual rows' turns: each user message (at an even place) and the answer after it
     usual_rows, inputs = np.flatnonzero(usual), np.flatnonzero(usual[row_of] & (turn >= 0) & (turn % 2 == 0))
@@ -167,11 +171,21 @@ def xtuner_conversations(messages: pl.Series) -> pl.DataFrame:
     frame = pl.DataFrame({"row": usual_rows, "system": system_prompt, "conversation": pl.from_arrow(conversation)})
     other_rows = np.flatnonzero(~usual)
     if len(other_rows):  # to_xtuner's turns; the system prompt comes out of the first
-        converted = [to_xtuner({"messages": m})["conversation"] for m in messages.gather(other_rows).to_list()]
+        converted = [to_xtuner(with_tools.get(row) or {"messages": m})["conversation"]
+                     for row, m in zip(other_rows.tolist(), messages.gather(other_rows).to_list())]
         others = pl.DataFrame({"row": other_rows, "system": [c[0].pop("system", None) if c else None for c in converted],
                                "conversation": converted}, schema=frame.schema)
         frame = pl.concat([frame, others]).sort("row")
     return frame.drop("row")
+
+
+def records_with_tools(lines: pa.LargeBinaryArray) -> dict[int, dict]:
+    """{row: record} of the records that offer tools (only the lines that mention them are parsed)."""
+    import pyarrow.compute as pc
+
+    mentions = np.flatnonzero(pc.match_substring(lines.cast(pa.large_string()), '"tools":').to_numpy(zero_copy_only=False))
+    found = {int(i): orjson.loads(lines[int(i)].as_py()) for i in mentions}
+    return {i: record for i, record in found.items() if record.get("tools")}
 
 
 def xtuner_lines(conversations: pl.DataFrame) -> pa.LargeStringArray:
@@ -226,7 +240,7 @@ class Rows:
         else:
             stratum = pl.Series([field(orjson.loads(line.as_py()), stratify) for line in self.lines], dtype=pl.String)
         self.stratum, self.strata = codes(stratum)
-        self.conversations = xtuner_conversations(frame["messages"])
+        self.conversations = xtuner_conversations(frame["messages"], records_with_tools(self.lines))
 
     def lines_of(self, rows: np.ndarray) -> pa.LargeBinaryArray:
         return self.lines.take(arrow_ints(rows))
@@ -301,17 +315,40 @@ def preference_split(rows: Rows, pairs: np.ndarray, p: SplitParams) -> dict[str,
     return {"train": pairs[~held_out], "test": pairs[held_out]}
 
 
+TOOLS_IN_SYSTEM = ("You may call these functions (JSON definitions, one a line); to call one, answer with "
+                   '{"name": <function-name>, "arguments": <args-json-object>}:')
+
+
+def call_text(calls: list[dict]) -> str:
+    """An assistant's tool calls as the JSON {"name", "arguments"} TOOLS_IN_SYSTEM asks for, one a line."""
+    out = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+            arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
+        out.append(orjson.dumps({"name": function.get("name"), "arguments": arguments}).decode())
+    return "\n".join(out)
+
+
 def to_xtuner(record: dict) -> dict:
-    """xtuner's conversation format: [{system?, input, output}, ...] one item per exchange.
-    A tool result is the next exchange's input (xtuner's format has no tool role)."""
+    """xtuner's conversation format: [{system?, input, output}, ...] one item per exchange. It has
+    no tools or tool role: the functions offered are written into the system text (after the
+    record's own, TOOLS_IN_SYSTEM then one JSON definition a line), a call is the assistant's output
+    as JSON (call_text; a ReAct call too; without tools, its content as it is), and a tool result
+    is the next exchange's input. (The pipeline's own xtuner backend does not read this file: it
+    renders train.jsonl with the base model's template.)"""
     conversation, system, pending = [], "", None
+    listed = "\n".join(orjson.dumps(t).decode() for t in record.get("tools") or [])
     for m in record["messages"]:
         if m["role"] == "system":
             system = m["content"]
         elif m["role"] in ("user", "tool"):
             pending = m["content"] if pending is None else pending + "\n" + m["content"]
         elif m["role"] == "assistant" and pending is not None:
-            turn = {"input": pending, "output": m["content"]}
+            turn = {"input": pending, "output": call_text(m["tool_calls"]) if listed and m.get("tool_calls") else m["content"]}
+            if listed and not conversation:
+                system = f"{system}\n\n{TOOLS_IN_SYSTEM}\n{listed}" if system else f"{TOOLS_IN_SYSTEM}\n{listed}"
             if system and not conversation:
                 turn = {"system": system, **turn}
             conversation.append(turn)

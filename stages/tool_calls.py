@@ -4,7 +4,8 @@ Held-out tool-calling conversations are test-split records whose assistant calls
 style ingest reads (stages/ingest.py): a ShareGPT function_call turn (an assistant message with
 "tool_calls", its content the JSON {"name", "arguments"} the model is trained to write), or a ReAct
 turn "Action: name\\nAction Input: {json}". The model is given the turns before the first call and
-its reply is parsed in either style (also an OpenAI {"function": {...}} object or a list of calls).
+its reply is parsed in either style (also an OpenAI {"function": {...}} object, a list of calls, a
+Qwen2.5 <tool_call> block or Llama-3.1's {"name", "parameters"}: the formats of stages/chat_template.py).
 
 Per sample: tool_name (the name equals the reference's), args_valid_json (the arguments are a JSON
 object), args_exact (and equal the reference's, compared as parsed JSON), accuracy (all of them).
@@ -47,7 +48,8 @@ def parse_call(text: str) -> dict | None:
         call = call["function"]
     if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
         return None
-    return {"name": call["name"].strip(), "arguments": call.get("arguments", {})}
+    # Llama-3.1 writes {"name", "parameters"}
+    return {"name": call["name"].strip(), "arguments": call.get("arguments", call.get("parameters", {}))}
 
 
 def arguments_object(arguments) -> dict | None:

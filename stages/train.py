@@ -281,7 +281,7 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     examples = []
     for n, row in enumerate(read_jsonl(path), start=1):
         try:
-            examples.append(tokenize_conversation(tokenizer, row["messages"], max_length, stop_id))
+            examples.append(tokenize_conversation(tokenizer, row["messages"], max_length, stop_id, row.get("tools")))
         except TemplateError as e:
             raise StageError(f"{path}: row {n} (id {row.get('id')}): {e}") from None
     examples = [e for e in examples if any(t != IGNORE for t in e["labels"])]

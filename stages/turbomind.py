@@ -40,7 +40,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stages.awq import dequantize_linear
-from stages.chat_template import stop_token_ids
+from stages.chat_template import render_chat, stop_token_ids
 from stages.common import (
     CHAT_TEMPLATE,
     IM_END,
@@ -104,8 +104,9 @@ def split_rows(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
     return calib, held
 
 
-def render(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+def render(tokenizer, row: dict) -> str:
+    """A split row as the chat template renders it, with its tools (stages/chat_template.py)."""
+    return render_chat(tokenizer, row["messages"], row.get("tools"))
 
 
 def calibration_blocks(tokenizer, rows: list[dict], samples: int, seqlen: int):
@@ -115,7 +116,7 @@ def calibration_blocks(tokenizer, rows: list[dict], samples: int, seqlen: int):
 
     ids: list[int] = []
     for row in rows:
-        ids += tokenizer(render(tokenizer, row["messages"]), add_special_tokens=False)["input_ids"]
+        ids += tokenizer(render(tokenizer, row), add_special_tokens=False)["input_ids"]
         if len(ids) >= samples * seqlen:
             break
     if not ids:
@@ -305,7 +306,7 @@ def quant_error(merged: Path, out: Path, state: dict, tokenizer, rows: list[dict
     rel, kl, agree, nll_fp, nll_q, tokens = [], [], 0, 0.0, 0.0, 0
     with torch.inference_mode():
         for row in rows:
-            ids = tokenizer(render(tokenizer, row["messages"]), add_special_tokens=False,
+            ids = tokenizer(render(tokenizer, row), add_special_tokens=False,
                             return_tensors="pt")["input_ids"][:, :seqlen].to(device)
             lf, lq = fp(ids).logits[0].float(), q(ids).logits[0].float()
             rel.append(((lq - lf).norm() / lf.norm().clamp_min(1e-12)).item())

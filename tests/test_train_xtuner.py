@@ -140,8 +140,8 @@ dataset = process_hf_dataset(dataset=load_dataset("json", data_files={"train": "
                              tokenizer=tokenizer, max_length=10_000, dataset_map_fn=None, template_map_fn=None,
                              do_dataset_tokenization=False, pack_to_max_length=False, map_num_proc=1)
 out = []
-for messages, row in zip(load_conversations(__import__("pathlib").Path("data/split/train.jsonl")), dataset):
-    template = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+for conversation, row in zip(load_conversations(__import__("pathlib").Path("data/split/train.jsonl")), dataset):
+    template = tokenizer.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True)["input_ids"]
     trained_text = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l >= 0])
     out.append({"same": row["input_ids"] == list(template), "trained": trained_text})
 print("TOKENS=" + json.dumps({"rows": out}))
