@@ -100,10 +100,16 @@ def test_register_writes_runs_to_postgres_and_artifacts_to_s3(origin, servers, s
     # the backend store is PostgreSQL: the run and the version are rows there
     assert postgres_rows(servers, "select name, version from model_versions") == [("tunepipe-demo", 1)]
     assert postgres_rows(servers, f"select status from runs where run_uuid = '{record['run_id']}'") == [("FINISHED",)]
-    # the artifacts are objects in the S3 bucket, under the run's id: the adapter among them
-    keys = [key for key in s3_keys(servers, MLFLOW_BUCKET) if record["run_id"] in key]
-    assert any(key.endswith("adapter_model.safetensors") for key in keys), keys
-    assert any(key.endswith("MLmodel") for key in keys), keys
+    # the artifacts are objects in the S3 bucket: the run's files under its id, the logged model's
+    # (adapter and MLmodel) under the model's id (MLflow 3 keeps logged models beside runs)
+    import mlflow
+
+    version = mlflow.MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_model_version("tunepipe-demo", "1")
+    keys = s3_keys(servers, MLFLOW_BUCKET)
+    assert any(record["run_id"] in key and key.endswith("/dvc.lock") for key in keys), keys
+    model_keys = [key for key in keys if (version.model_id or record["run_id"]) in key]
+    assert any(key.endswith("/adapter_model.safetensors") for key in model_keys), keys
+    assert any(key.endswith("/MLmodel") for key in model_keys), keys
 
 
 def test_reproduce_pulls_through_the_s3_remote(origin, servers, server_env, tmp_path):
@@ -151,6 +157,9 @@ def test_three_queued_experiments_give_three_complete_runs(origin, servers, serv
     runs = [run for run in client.search_runs([experiment.experiment_id]) if run.info.run_id not in before]
     assert sorted(run.data.params.get("register.sample_generations") for run in runs) == ["1", "2", "3"]
     assert {run.info.status for run in runs} == {"FINISHED"}
+    experiments = set(sh(origin, DVC, "exp", "list", "--name-only", env=server_env).stdout.split())
+    names = {run.info.run_name for run in runs}  # register names the run after DVC_EXP_NAME
+    assert len(names) == 3 and names <= experiments, (names, experiments)
     versions = client.search_model_versions("name = 'tunepipe-demo'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     assert {v.tags.get("registration") for v in versions} == {"complete"}
