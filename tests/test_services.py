@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +91,8 @@ def server_env(servers, monkeypatch) -> dict:
     for key, value in servers.items():
         if key != "state":
             monkeypatch.setenv(key, value)
+    # `dvc queue start` spawns its workers as `dvc` found on PATH: the core env's, as when it is activated
+    monkeypatch.setenv("PATH", f"{Path(DVC).parent}{os.pathsep}{os.environ['PATH']}")
     return {**os.environ}
 
 
@@ -104,12 +107,11 @@ def test_register_writes_runs_to_postgres_and_artifacts_to_s3(origin, servers, s
     # (adapter and MLmodel) under the model's id (MLflow 3 keeps logged models beside runs)
     import mlflow
 
-    version = mlflow.MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_model_version("tunepipe-demo", "1")
     keys = s3_keys(servers, MLFLOW_BUCKET)
     assert any(record["run_id"] in key and key.endswith("/dvc.lock") for key in keys), keys
-    model_keys = [key for key in keys if (version.model_id or record["run_id"]) in key]
-    assert any(key.endswith("/adapter_model.safetensors") for key in model_keys), keys
-    assert any(key.endswith("/MLmodel") for key in model_keys), keys
+    model = [key for key in keys if re.fullmatch(r"artifacts/\d+/models/m-[0-9a-f]+/artifacts/.+", key)]
+    assert any(key.endswith("/artifacts/adapter/adapter_model.safetensors") for key in model), keys
+    assert any(key.endswith("/MLmodel") for key in model), keys
 
 
 def test_reproduce_pulls_through_the_s3_remote(origin, servers, server_env, tmp_path):
@@ -126,14 +128,15 @@ def test_reproduce_pulls_through_the_s3_remote(origin, servers, server_env, tmp_
     assert sh(fresh, DVC, "remote", "default").stdout.strip() == "s3"
 
 
-def wait_for_queue(origin: Path, env: dict, timeout: float = 1500) -> str:
+def wait_for_queue(origin: Path, env: dict, timeout: float = 1200) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = sh(origin, DVC, "queue", "status", env=env).stdout
         if not any(word in out for word in ("Queued", "Running")):
             return out
         time.sleep(10)
-    pytest.fail(f"the queue did not finish within {timeout:.0f} s:\n{out}")
+    logs = "".join(path.read_text()[-1500:] for path in (origin / ".dvc/tmp/exps/celery").glob("*.out"))
+    pytest.fail(f"the queue did not finish within {timeout:.0f} s:\n{out}\n{logs}")
 
 
 def test_three_queued_experiments_give_three_complete_runs(origin, servers, server_env):
