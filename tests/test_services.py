@@ -105,8 +105,6 @@ def test_register_writes_runs_to_postgres_and_artifacts_to_s3(origin, servers, s
     assert postgres_rows(servers, f"select status from runs where run_uuid = '{record['run_id']}'") == [("FINISHED",)]
     # the artifacts are objects in the S3 bucket: the run's files under its id, the logged model's
     # (adapter and MLmodel) under the model's id (MLflow 3 keeps logged models beside runs)
-    import mlflow
-
     keys = s3_keys(servers, MLFLOW_BUCKET)
     assert any(record["run_id"] in key and key.endswith("/dvc.lock") for key in keys), keys
     model = [key for key in keys if re.fullmatch(r"artifacts/\d+/models/m-[0-9a-f]+/artifacts/.+", key)]
