@@ -119,3 +119,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium 
   { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null \
     || echo "[setup] chromium: not installed; tests/test_review.py's browser test will skip"
 fi
+
+# ---- shared servers (tunepipe services, tests/test_services.py) ---------------------------------
+# PostgreSQL from Debian's packages backs `mlflow server`; stages/services.py runs it (initdb, pg_ctl)
+# as a non-root user in a temporary folder. Installed only as root with apt-get, when initdb is found
+# neither on PATH nor under /usr/lib/postgresql; without it tests/test_services.py skips.
+# (moto's S3 server, dvc-s3 and psycopg2 are in the core environment's lock.)
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] postgresql: installing (apt-get) for tunepipe services and tests/test_services.py"
+    { apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; } >/dev/null \
+      || echo "[setup] postgresql: not installed; tests/test_services.py will skip"
+  else
+    echo "[setup] postgresql: not installed and not root: sudo apt-get install postgresql for tunepipe services" \
+         "(tests/test_services.py skips without it)"
+  fi
+fi

@@ -232,6 +232,11 @@ def check_params_command(path: Path) -> None:
     sys.exit(0)
 
 
+def services_doc() -> str:
+    from stages import services
+    return services.__doc__
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tunepipe", description="tunepipe's command line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -254,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("reproduce", help="check that a registered model version rebuilds from git, MLflow and the DVC remote",
                          description=reproduce_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_reproduce_arguments(rep)
+    svc = sub.add_parser("services", help="start, stop or check the shared servers on 127.0.0.1: S3 (moto), "
+                         "PostgreSQL, mlflow server", description=services_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    svc.add_argument("action", choices=("start", "stop", "status"))
+    svc.add_argument("--dir", type=Path, default=Path(".services"), help="state, logs and env.sh (default .services)")
     chk = sub.add_parser("check-params", help="find contradictions between params.yaml sections (exit 1 if any)")
     chk.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
@@ -264,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "reproduce":
         sys.exit(run_reproduce(args))
+    if args.command == "services":
+        from stages.services import run_services
+        sys.exit(run_services(args.action, args.dir))
 
     try:
         ingest, clean_section = load_sections(args.params, args.overrides)
