@@ -71,7 +71,7 @@ def one(folder):
     return run(folder, "one")
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_match_one(folder, one, sharding):
     from peft import PeftModel
     from safetensors.torch import load_file
