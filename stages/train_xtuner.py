@@ -192,7 +192,7 @@ def plan_steps(p: TrainParams, encoded: list[dict], nproc: int = 1) -> dict:
 
 def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
                   plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False,
-                  resume: bool = False) -> str:
+                  resume: bool = False, dist_backend: str = "nccl") -> str:
     """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
     r = repr
     spe = plan["steps_per_epoch"]
@@ -353,7 +353,7 @@ default_hooks = dict(
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend="nccl"),
+    dist_cfg=dict(backend={r(dist_backend)}),  # used by several processes (train.devices) only
 )
 
 # per-step scalars (loss, lr) to <work_dir>/<timestamp>/vis_data/scalars.json
@@ -552,7 +552,9 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(config) as tmp:
         tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
                                      map_num_proc=map_num_proc, use_amp=use_amp,
-                                     trust_remote_code=load["trust_remote_code"], resume=resume), encoding="utf-8")
+                                     trust_remote_code=load["trust_remote_code"], resume=resume,
+                                     dist_backend="nccl" if torch.cuda.is_available() and p.device != "cpu" else "gloo"),
+                      encoding="utf-8")
     print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
