@@ -75,6 +75,9 @@ def process_problems(everything: dict, gpus=cuda_count, deepspeed=has_deepspeed)
     if sharding.startswith("zero") and several and not deepspeed():
         problems.append(f"train.sharding: {sharding} needs deepspeed, which this environment lacks "
                         "(envs/core.txt and envs/xtuner.txt pin it; rerun ./setup.sh)")
+    if train.get("backend") == "xtuner" and device == "cpu" and isinstance(devices, int) and devices > 1:
+        problems.append(f"train.devices: {devices} with train.device: cpu: the xtuner backend's processes need "
+                        "CUDA GPUs (mmengine's init_dist sets a CUDA device); use train.backend: hf on a CPU")
     if device == "cuda" or (isinstance(devices, int) and devices > 1 and device != "cpu"):
         found = gpus()
         if device == "cuda" and not found:

@@ -91,6 +91,7 @@ def test_check_params_command(tmp_path):
     ({"devices": 2, "sharding": "zero2", "device": "cpu"}, 0, False, ["train.sharding: zero2 needs deepspeed"]),
     ({"devices": 2, "sharding": "zero3"}, 2, True, []),
     ({"device": "cuda"}, 0, True, ["train.device: cuda, but no CUDA GPU"]),
+    ({"backend": "xtuner", "devices": 2, "sharding": "ddp", "device": "cpu"}, 0, True, ["xtuner backend's processes"]),
 ])
 def test_processes_against_the_machine(train, gpus, deepspeed, expected):
     ask = params({"train": train})
