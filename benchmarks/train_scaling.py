@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stages.distributed import one_thread_each  # noqa: E402
 from train_throughput import INTERNLM2_1_8B, SMOKE, TARGETS, make_samples, write_random_model  # noqa: E402
 
 INTERNLM2_7B = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -115,7 +116,7 @@ def measure(args, workload: str, model: Path, samples: Path, nproc: int) -> dict
     here = str(Path(__file__).resolve())
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", here]
            if nproc > 1 else [sys.executable, here]) + common
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = one_thread_each(dict(os.environ))  # N=1 as each of N: one CPU thread (GPU runs: the host side)
     proc = subprocess.run(cmd, env=env)
     if proc.returncode or not result.is_file():
         return {"devices": nproc, "failed": f"exit status {proc.returncode}"}

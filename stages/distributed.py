@@ -51,10 +51,18 @@ def torchrun_command(nproc: int, module: str, argv: list[str]) -> list[str]:
             "-m", module, *argv]
 
 
+def one_thread_each(env: dict) -> dict:
+    """env for processes that share the CPU: one thread each unless OMP_NUM_THREADS says otherwise
+    (torchrun's own default), MKL's pool the same size (stages.common's CPU pin had sized it for
+    one process; a larger MKL pool than OpenMP's made the steps 40x slower here)."""
+    if "OMP_NUM_THREADS" not in env:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
 def relaunch(nproc: int, module: str, argv: list[str]) -> int:
     """Run `python -m module argv` as nproc processes under torchrun; its exit status."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it is not a warning
+    env = one_thread_each(dict(os.environ))
     print(f"train: {nproc} processes under torchrun", flush=True)
     return subprocess.run(torchrun_command(nproc, module, argv), env=env).returncode
 
