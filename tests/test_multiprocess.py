@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,26 @@ def test_torchrun_command():
     cmd = distributed.torchrun_command(4, "stages.train", ["--out", "x"])
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "stages.train",
                        "--out", "x"]
+
+
+def test_throughput_benchmark_runs_on_one_cpu_process(tmp_path):
+    """benchmarks/train_throughput.py --devices: the code path runs (a tiny model, one process);
+    GPU numbers come only from a machine with several GPUs."""
+    proc = subprocess.run([str(PYTHON), str(ROOT / "benchmarks/train_throughput.py"), "--devices", "1", "--smoke",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "train_scaling_fsdp2.json").read_text())
+    run = report["workloads"]["smoke"]["runs"][0]
+    assert run["devices"] == 1 and run["sharding"] == "none" and run["tokens_per_s"] > 0 and run["timed_steps"] == 3
+    assert report["workloads"]["smoke"]["scaling_efficiency"] == {"1": 1.0}
+
+
+def test_scaling_efficiency_is_tokens_per_s_over_n_times_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_scaling import efficiency
+
+    runs = [{"devices": 1, "tokens_per_s": 1000.0}, {"devices": 2, "tokens_per_s": 1900.0},
+            {"devices": 4, "tokens_per_s": 3000.0}, {"devices": 8, "failed": "exit status 1"}]
+    assert efficiency(runs) == {"1": 1.0, "2": 0.95, "4": 0.75}
+    assert efficiency(runs[1:]) == {}  # nothing to compare against without N=1
