@@ -7,6 +7,8 @@ Loss is on assistant tokens only: each answer and the end-of-turn token after it
 base model's own chat template (stages/chat_template.py). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
 attention is masked per document, so the loss equals the unpacked (padded) one.
+With train.devices > 1 and a train.sharding (ddp, fsdp2, zero2, zero3) the stage starts itself
+again under torchrun, each process training its share of every step (stages/distributed.py).
 Every train.save_every steps a checkpoint (adapter, optimizer, scheduler, RNG states, step) goes
 to <checkpoints>/hf/; with train.resume auto a rerun continues from it (stages/checkpoints.py).
 
