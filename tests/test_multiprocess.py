@@ -47,7 +47,7 @@ def run(folder: Path, tag: str, **changes) -> dict:
            "--metrics", f"metrics/train-{tag}.json", "--loss-plot", f"plots/train_loss-{tag}.csv"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "TUNEPIPE_PARAMS": f"params-{tag}.yaml",
            "OMP_NUM_THREADS": "1"}
-    # 20 minutes: on a 2-core machine under a load of 15, one zero2 run passed in ~5 and once passed 10
+    # 20 minutes: on a 2-core machine under a load of 15 one zero2 run took ~5 minutes, another did not end in 10
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"stage failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     with open(folder / f"plots/train_loss-{tag}.csv", newline="") as f:
