@@ -15,6 +15,9 @@ every token. Effective tokens are the samples' own tokens (no padding).
   unpacked loss (each sample alone, sdpa), both in eval mode (no dropout) under bf16 autocast.
 - qlora: the project path with quantize=nf4 (bitsandbytes must be importable).
 
+With --devices N [N...], the scaling benchmark instead (benchmarks/train_scaling.py): tokens/s and
+memory per GPU of the 1.9B and a 7B workload on 1..N GPUs, and the scaling efficiency.
+
 Prints one JSON object; with --out also writes it to <out>/train_throughput_<device>.json.
 MFU = tokens/s x 4N / peak bf16 matmul rate (4N FLOPs a token for a frozen base: forward 2N, input
 gradients 2N; N = all base parameters), against the rate measured in the same run and against 790.
@@ -310,6 +313,10 @@ def run_qlora(path, samples, args, device, n_params, peak) -> dict:
 
 
 def main() -> None:
+    if "--devices" in sys.argv:  # several GPUs: tokens/s and scaling efficiency on 1..N (benchmarks/train_scaling.py)
+        from train_scaling import main as scaling
+
+        return scaling(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for train_throughput_<device>.json")
     ap.add_argument("--steps", type=int, default=10, help="timed project steps, per repeat")

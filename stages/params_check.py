@@ -25,6 +25,20 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cuda_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def _section(everything: dict, name: str) -> dict:
     value = everything.get(name)
     return value if isinstance(value, dict) else {}
@@ -48,6 +62,30 @@ def device_problems(everything: dict, has_cuda) -> list[str]:
     if not wants or has_cuda():
         return []
     return [f"{w}, but no CUDA GPU is visible on this machine" for w in wants]
+
+
+def process_problems(everything: dict, gpus=cuda_count, deepspeed=has_deepspeed) -> list[str]:
+    """train.devices / sharding / device against this machine (gpus and deepspeed called only when
+    a setting needs them): more GPU processes than GPUs, a CUDA device without one, ZeRO without
+    deepspeed. On a CPU (train.device: cpu) devices N means N gloo processes."""
+    train = _section(everything, "train")
+    devices, sharding, device = train.get("devices", 1), train.get("sharding", "none"), train.get("device", "auto")
+    several = devices == "auto" or (isinstance(devices, int) and devices > 1)
+    problems = []
+    if sharding.startswith("zero") and several and not deepspeed():
+        problems.append(f"train.sharding: {sharding} needs deepspeed, which this environment lacks "
+                        "(envs/core.txt and envs/xtuner.txt pin it; rerun ./setup.sh)")
+    if train.get("backend") == "xtuner" and device == "cpu" and isinstance(devices, int) and devices > 1:
+        problems.append(f"train.devices: {devices} with train.device: cpu: the xtuner backend's processes need "
+                        "CUDA GPUs (mmengine's init_dist sets a CUDA device); use train.backend: hf on a CPU")
+    if device == "cuda" or (isinstance(devices, int) and devices > 1 and device != "cpu"):
+        found = gpus()
+        if device == "cuda" and not found:
+            problems.append("train.device: cuda, but no CUDA GPU is visible on this machine")
+        elif isinstance(devices, int) and devices > found:
+            problems.append(f"train.devices: {devices} processes, one a GPU, but {found} CUDA GPU(s) are visible"
+                            + (" (train.device: cpu runs them as CPU processes)" if not found else ""))
+    return problems
 
 
 def split_problems(everything: dict) -> list[str]:
@@ -84,10 +122,12 @@ def judge_problems(everything: dict) -> list[str]:
     return []
 
 
-def check_params(everything: dict, path: Path | str = "params.yaml", has_cuda=cuda_available) -> None:
+def check_params(everything: dict, path: Path | str = "params.yaml", has_cuda=cuda_available, gpus=cuda_count,
+                 deepspeed=has_deepspeed) -> None:
     """Raise one StageError listing every cross-section contradiction in `everything` (the parsed
     params file at `path`), each naming its keys; return None when there is none."""
-    problems = [*device_problems(everything, has_cuda), *split_problems(everything), *model_problems(everything),
+    problems = [*device_problems(everything, has_cuda), *process_problems(everything, gpus, deepspeed),
+                *split_problems(everything), *model_problems(everything),
                 *judge_problems(everything)]
     if problems:
         raise StageError(f"{path}: {len(problems)} contradicting param(s):\n"

@@ -7,6 +7,8 @@ Loss is on assistant tokens only: each answer and the end-of-turn token after it
 base model's own chat template (stages/chat_template.py). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
 attention is masked per document, so the loss equals the unpacked (padded) one.
+With train.devices > 1 and a train.sharding (ddp, fsdp2, zero2, zero3) the stage starts itself
+again under torchrun, each process training its share of every step (stages/distributed.py).
 Every train.save_every steps a checkpoint (adapter, optimizer, scheduler, RNG states, step) goes
 to <checkpoints>/hf/; with train.resume auto a rerun continues from it (stages/checkpoints.py).
 
@@ -39,12 +41,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
+from stages import distributed
 from stages.chunked_loss import chunked_causal_lm_loss
-from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
-                           run_stage, write_json)
+from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, read_jsonl,
+                           resolve_base, run_stage, write_json)
 
 
 class LoraParams(Params):
@@ -77,6 +80,28 @@ class TrainParams(Params):
     save_every: int = Field(50, ge=0)  # steps between resumable checkpoints (stages/checkpoints.py); 0: none
     resume: Literal["auto", "never"] = "auto"  # auto: a rerun continues from the last matching checkpoint
     lora: LoraParams = LoraParams()
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a CUDA GPU when one is visible
+    devices: int | Literal["auto"] = Field(1, union_mode="left_to_right")  # processes; auto: every visible GPU
+    sharding: Literal["none", "ddp", "fsdp2", "zero2", "zero3"] = "none"  # how several processes split the work
+
+    @model_validator(mode="after")
+    def _sharding_fits(self):
+        several = self.devices == "auto" or self.devices > 1
+        if self.devices != "auto" and self.devices < 1:
+            raise ValueError("devices must be auto or at least 1")
+        if self.sharding == "none" and self.devices != "auto" and self.devices > 1:
+            raise ValueError(f"devices: {self.devices} needs a sharding (ddp, fsdp2, zero2 or zero3), not none")
+        if self.backend == "xtuner" and self.sharding == "fsdp2":
+            raise ValueError("sharding: fsdp2 is the hf backend's; xtuner runs ddp, zero2 or zero3")
+        if several and self.sharding != "none" and self.backend == "hf":
+            if self.step_tokens == "auto":
+                raise ValueError("step_tokens: auto measures one device; with several set a number")
+            if self.quantize == "nf4" and self.sharding != "ddp":
+                raise ValueError(f"quantize: nf4 with sharding: {self.sharding}: 4-bit weights shard with ddp only")
+            if self.sharding == "zero3" and self.loss_chunk_size:
+                raise ValueError("sharding: zero3 gathers lm_head only in its forward, which the chunked loss "
+                                 "skips: set loss_chunk_size 0 or use fsdp2")
+        return self
 
 
 
@@ -383,22 +408,27 @@ def resolve_step_tokens(model, examples: list[dict], p: TrainParams, pad_id: int
     return p.model_copy(update={"step_tokens": budget}), {"step_tokens": budget, "step_tokens_auto": report}
 
 
-def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float:
+def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device, loss_of=None) -> float:
+    """Mean loss over every labelled token of examples; loss_of(batch) is the sharded model's
+    loss where several processes train (each runs every batch: the collectives need all)."""
     import torch
 
+    loss_of = loss_of or (lambda batch: batch_loss(model, batch, p))
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for step in plan_steps(examples, p):
             chunk = [examples[i] for i in step]
-            n = sum(sum(t != IGNORE for t in e["labels"][1:]) for e in chunk)
-            total += batch_loss(model, make_batch(chunk, p, pad_id, device), p).item() * n
+            n = sum(distributed.labelled(e) for e in chunk)
+            total += loss_of(make_batch(chunk, p, pad_id, device)).item() * n
             count += n
     model.train()
     return total / count
 
 
-def train_hf(p: TrainParams, args) -> dict:
+def train_hf(p: TrainParams, args, group=None) -> dict:
+    """LoRA SFT as p says; with group (several processes under torchrun) this process trains its
+    share of every step and only rank 0 writes the outs (the caller writes the metrics there)."""
     import torch
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -407,8 +437,9 @@ def train_hf(p: TrainParams, args) -> dict:
 
     made_from = checkpoints.fingerprint(p.model_dump(mode="json"), [args.train, args.val, args.base])
     random.seed(p.seed)
-    torch.manual_seed(p.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(p.seed)  # the same LoRA init on every rank
+    device = group.device if group is not None else torch.device(pick_device(p.device))
+    main_rank = group is None or group.main
     path, load = resolve_base(args.base)
     tokenizer = load_base_tokenizer(args.base)
     model = build_model(path, load, p, device)
@@ -420,13 +451,25 @@ def train_hf(p: TrainParams, args) -> dict:
     rng = random.Random(p.seed)
     plan = [plan_steps(train, p, rng) for _ in range(p.epochs)]
     total_steps = sum(len(steps) for steps in plan)
-    optimizer = make_optimizer(model, p, device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(p.warmup_ratio * total_steps), total_steps)
+    schedule = lambda opt: get_cosine_schedule_with_warmup(opt, int(p.warmup_ratio * total_steps), total_steps)  # noqa: E731
+    if group is None:
+        optimizer = make_optimizer(model, p, device)
+        scheduler = schedule(optimizer)
+        sharded, loss_of = None, None
+    else:
+        sharded = distributed.Sharded(model, lambda m, batch: batch_loss(m, batch, p), group,
+                                      lambda m: make_optimizer(m, p, device), schedule, p.dtype == "bfloat16")
+        loss_of = sharded.loss
+        torch.manual_seed(p.seed + group.rank)  # LoRA dropout: each rank's own masks
 
     # the run so far: a fresh one, or what the last matching checkpoint holds
     made_from = checkpoints.with_order(made_from, plan)
     saved_at = Path(args.checkpoints) / "hf"
-    resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
+    resumable, why_not = None, None
+    if group is None:
+        resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
+    elif main_rank and p.save_every:
+        print(f"train: resumable checkpoints are made by one-process runs only; these {group.world} make none")
     if why_not:
         print(f"train: resume: {why_not}")
     if resumable:
@@ -434,50 +477,58 @@ def train_hf(p: TrainParams, args) -> dict:
         print(f"train: resuming from {resumable} (step {run['step']} of {total_steps})")
     else:
         run = {"step": 0, "curve": [], "tokens": 0, "runtime_s": 0.0,
-               "val_before": evaluate_loss(model, val, p, pad_id, device)}
+               "val_before": evaluate_loss(model, val, p, pad_id, device, loss_of)}
     resumed_from = run["step"]
     started = time.perf_counter() - run["runtime_s"]
     model.train()
-    bar = tqdm(total=total_steps, initial=run["step"], desc=f"train (hf, {device.type})")
+    where = device.type if group is None else f"{group.world} x {device.type}, {group.sharding}"
+    bar = tqdm(total=total_steps, initial=run["step"], desc=f"train (hf, {where})", disable=not main_rank)
     step = 0
     for epoch, steps in enumerate(plan):
         for indices in steps:
             step += 1
             if step <= resumed_from:  # done before the checkpoint: its position in the data order
                 continue
-            chunk = [train[j] for j in indices]
-            loss = train_step(model, make_batch(chunk, p, pad_id, device), optimizer, p)
-            scheduler.step()
-            run["tokens"] += sum(len(e["input_ids"]) for e in chunk)
-            run["curve"].append({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6)})
+            if group is None:
+                chunk = [train[j] for j in indices]
+                loss = train_step(model, make_batch(chunk, p, pad_id, device), optimizer, p).item()
+                scheduler.step()
+            else:
+                chunk, weight = distributed.local_step(indices, train, group)
+                loss = distributed.mean_over_ranks(sharded.step(make_batch(chunk, p, pad_id, device), weight))
+            run["tokens"] += sum(len(train[j]["input_ids"]) for j in indices)
+            run["curve"].append({"step": step, "epoch": epoch + 1, "loss": round(loss, 6)})
             run["step"] = step
             bar.update()
             bar.set_postfix(loss=f"{run['curve'][-1]['loss']:.4f}")
-            if p.save_every and step % p.save_every == 0:
+            if group is None and p.save_every and step % p.save_every == 0:
                 run["runtime_s"] = time.perf_counter() - started
                 checkpoints.save(saved_at, step, model, optimizer, scheduler, run, made_from)
     bar.close()
     runtime = time.perf_counter() - started
-    val_after = evaluate_loss(model, val, p, pad_id, device)
+    val_after = evaluate_loss(model, val, p, pad_id, device, loss_of)
+    adapter_state = sharded.adapter_state() if sharded else None  # every rank: gathering is collective
 
-    with atomic_path(args.out, is_dir=True) as out:
-        save_adapter(model, out)
-        tokenizer.save_pretrained(out)
-    write_loss_curve(args.loss_plot, run["curve"])
+    if main_rank:
+        with atomic_path(args.out, is_dir=True) as out:
+            save_adapter(model, out, adapter_state)
+            tokenizer.save_pretrained(out)
+        write_loss_curve(args.loss_plot, run["curve"])
     return {"train_loss_final": run["curve"][-1]["loss"], "val_loss_before": round(run["val_before"], 6),
             "val_loss_after": round(val_after, 6), "steps": run["step"], "train_tokens": run["tokens"],
             "tokens_per_s": round(run["tokens"] / runtime, 1), "runtime_s": round(runtime, 2),
             "peak_memory_mb": peak_memory_mb(), **step_report, "gradient_checkpointing": p.gradient_checkpointing,
             "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
-            "resumed_from_step": resumed_from}
+            "resumed_from_step": resumed_from, "processes": group.world if group else 1, "sharding": p.sharding}
 
 
-def save_adapter(model, folder) -> None:
-    """save_pretrained, with adapter_config.json's target_modules sorted: peft keeps them as a set,
-    whose order changes with each process's hash seed, so identical training gave different files."""
+def save_adapter(model, folder, state_dict: dict | None = None) -> None:
+    """save_pretrained (of state_dict, the whole LoRA weights, where the model's are sharded), with
+    adapter_config.json's target_modules sorted: peft keeps them as a set, whose order changes
+    with each process's hash seed, so identical training gave different files."""
     import json
 
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     config_path = Path(folder) / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if isinstance(config.get("target_modules"), list):
@@ -524,10 +575,21 @@ def main() -> None:
                "--loss-plot", args.loss_plot]
         sys.exit(subprocess.run(cmd).returncode)
 
-    metrics = train_hf(p, args)
-    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a DVC out: there even when no step saved one
-    write_json(args.metrics, metrics)
-    print(f"train: {metrics}")
+    nproc = distributed.process_count(p.devices, p.sharding, p.device)
+    if nproc > 1 and not distributed.launched():  # this same stage again, as nproc processes
+        sys.exit(distributed.relaunch(nproc, "stages.train", sys.argv[1:]))
+    group = None
+    if distributed.launched():
+        distributed.check_sharding(p.sharding)
+        group = distributed.join(p.sharding, p.device)
+    try:
+        metrics = train_hf(p, args, group)
+    finally:
+        distributed.leave()
+    if group is None or group.main:
+        Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a DVC out: there even when no step saved one
+        write_json(args.metrics, metrics)
+        print(f"train: {metrics}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ from stages import checkpoints, shims
 from stages.chat_template import TemplateError, stop_token_ids, tokenize_conversation
 from stages.common import (StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
+from stages.distributed import process_count
 from stages.train import TrainParams, peak_memory_mb, write_loss_curve
 
 # The generated config and xtuner's data live in <work-dir>/inputs/: mmengine's Runner dumps its
@@ -173,8 +174,9 @@ def packed_rows(lengths: list[int], row_length: int, map_batch: int = 1000) -> t
     return rows, kept
 
 
-def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
-    """Rows and tokens per epoch, steps and warmup, as xtuner will run them in one process."""
+def plan_steps(p: TrainParams, encoded: list[dict], nproc: int = 1) -> dict:
+    """Rows and tokens per epoch, steps and warmup, as xtuner will run them on nproc processes,
+    each taking batch_rows of a step (the global step stays what one process would take)."""
     lengths = [len(e["input_ids"]) for e in encoded]
     tokens = sum(lengths)
     if p.pack:
@@ -184,7 +186,8 @@ def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
         rows, tokens = packed_rows(lengths, p.max_length)
     else:
         rows, batch_rows = len(encoded), p.batch_size
-    steps_per_epoch = max(1, math.ceil(rows / batch_rows))
+    batch_rows = max(1, round(batch_rows / nproc))
+    steps_per_epoch = max(1, math.ceil(rows / (batch_rows * nproc)))
     total = steps_per_epoch * p.epochs
     warmup = min(round(p.warmup_ratio * total), total - 1)
     return {"rows_per_epoch": rows, "batch_rows": batch_rows, "tokens_per_epoch": tokens,
@@ -193,7 +196,7 @@ def plan_steps(p: TrainParams, encoded: list[dict]) -> dict:
 
 def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
                   plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False,
-                  resume: bool = False) -> str:
+                  resume: bool = False, dist_backend: str = "nccl") -> str:
     """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
     r = repr
     spe = plan["steps_per_epoch"]
@@ -354,7 +357,7 @@ default_hooks = dict(
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend="nccl"),
+    dist_cfg=dict(backend={r(dist_backend)}),  # used by several processes (train.devices) only
 )
 
 # per-step scalars (loss, lr) to <work_dir>/<timestamp>/vis_data/scalars.json
@@ -468,6 +471,30 @@ def validation_losses(base: str, load: dict, adapter: Path, encoded: list[dict],
     return before, after
 
 
+def launch_command(nproc: int, sharding: str, config: Path, work: Path) -> list[str]:
+    """What `NPROC_PER_NODE=n xtuner train CONFIG --deepspeed deepspeed_zeroN` runs (xtuner's
+    entry_point: torchrun on tools/train.py with --launcher pytorch), here as this python's
+    torch.distributed.run on xtuner.tools.train through stages.shims, so that the shims reach every
+    process and a failure is a non-zero exit (the xtuner CLI exits 0 when its command fails)."""
+    deepspeed = ["--deepspeed", f"deepspeed_{sharding}"] if sharding.startswith("zero") else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "stages.shims", "xtuner.tools.train", str(config), "--work-dir", str(work), *deepspeed,
+            "--launcher", "pytorch"]
+
+
+def run_xtuner_train(nproc: int, sharding: str, config: Path, work: Path) -> None:
+    if nproc == 1 and sharding == "none":
+        run_tool("xtuner.tools.train", [str(config), "--work-dir", str(work)])
+        return
+    import subprocess
+
+    cmd = launch_command(nproc, sharding, config, work)
+    print(f"[train_xtuner] {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if subprocess.run(cmd, env=env).returncode:
+        raise StageError(f"xtuner.tools.train on {nproc} processes ({sharding}) failed; its log is above")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=Path, required=True)
@@ -504,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     val_enc = encode(val_convs, tokenizer, p.max_length, a.val)
     if not val_enc:
         raise StageError(f"{a.val}: no conversation has an assistant token within max_length={p.max_length}")
-    plan = plan_steps(p, train_enc)
+    nproc = process_count(p.devices, p.sharding, p.device)
+    plan = plan_steps(p, train_enc, nproc)
     use_amp = p.dtype == "bfloat16" and torch.cuda.is_available()
     if p.dtype == "bfloat16" and not use_amp:
         print("[train_xtuner] note: dtype=bfloat16 on CPU: xtuner's LoRA path upcasts to fp32 and "
@@ -528,12 +556,14 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(config) as tmp:
         tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
                                      map_num_proc=map_num_proc, use_amp=use_amp,
-                                     trust_remote_code=load["trust_remote_code"], resume=resume), encoding="utf-8")
+                                     trust_remote_code=load["trust_remote_code"], resume=resume,
+                                     dist_backend="nccl" if torch.cuda.is_available() and p.device != "cpu" else "gloo"),
+                      encoding="utf-8")
     print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
     t0 = time.perf_counter()
-    run_tool("xtuner.tools.train", [str(config), "--work-dir", str(work)])
+    run_xtuner_train(nproc, p.sharding, config, work)
     total_time = time.perf_counter() - t0
     log_dirs = sorted(d for d in work.iterdir() if d.is_dir() and LOG_DIR.fullmatch(d.name))
     if not log_dirs or not (work / "last_checkpoint").is_file():

@@ -80,3 +80,43 @@ def test_check_params_command(tmp_path):
     assert ok.returncode == 0 and "no contradictions" in ok.stdout
     assert failed.returncode == 1
     assert f"{bad}: split.val_ratio (0.5) + split.test_ratio (0.5) = 1: must stay under 1" in failed.stderr
+
+
+# --- several processes (train.devices, train.sharding) ----------------------------------------------
+
+@pytest.mark.parametrize("train, gpus, deepspeed, expected", [
+    ({"devices": 4, "sharding": "ddp"}, 2, True, ["train.devices: 4 processes, one a GPU, but 2 CUDA GPU(s)"]),
+    ({"devices": 2, "sharding": "ddp"}, 0, True, ["(train.device: cpu runs them as CPU processes)"]),
+    ({"devices": 2, "sharding": "ddp", "device": "cpu"}, 0, True, []),  # two gloo processes
+    ({"devices": 2, "sharding": "zero2", "device": "cpu"}, 0, False, ["train.sharding: zero2 needs deepspeed"]),
+    ({"devices": 2, "sharding": "zero3"}, 2, True, []),
+    ({"device": "cuda"}, 0, True, ["train.device: cuda, but no CUDA GPU"]),
+    ({"backend": "xtuner", "devices": 2, "sharding": "ddp", "device": "cpu"}, 0, True, ["xtuner backend's processes"]),
+])
+def test_processes_against_the_machine(train, gpus, deepspeed, expected):
+    ask = params({"train": train})
+    if not expected:
+        check_params(ask, has_cuda=NO_GPU, gpus=lambda: gpus, deepspeed=lambda: deepspeed)
+        return
+    with pytest.raises(StageError) as e:
+        check_params(ask, "p.yaml", has_cuda=NO_GPU, gpus=lambda: gpus, deepspeed=lambda: deepspeed)
+    assert all(text in str(e.value) for text in expected), str(e.value)
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"devices": 2}, "devices: 2 needs a sharding"),
+    ({"devices": 0, "sharding": "ddp"}, "devices must be auto or at least 1"),
+    ({"devices": 2, "sharding": "ddp", "step_tokens": "auto"}, "step_tokens: auto measures one device"),
+    ({"devices": 2, "sharding": "fsdp2", "quantize": "nf4"}, "4-bit weights shard with ddp only"),
+    ({"devices": 2, "sharding": "zero3", "loss_chunk_size": 4096}, "zero3 gathers lm_head only in its forward"),
+    ({"backend": "xtuner", "devices": 2, "sharding": "fsdp2"}, "xtuner runs ddp, zero2 or zero3"),
+])
+def test_train_params_refuse_contradictions(train, message):
+    from pydantic import ValidationError
+
+    from stages.train import TrainParams
+
+    with pytest.raises(ValidationError, match=message):
+        TrainParams(**train)
+    assert TrainParams(devices="auto", sharding="fsdp2").devices == "auto"
+    assert TrainParams(devices=2, sharding="zero2", loss_chunk_size=4096).sharding == "zero2"

@@ -165,3 +165,22 @@ def test_xtuner_trains_on_the_chat_template_tokens(trained):
         assert row["trained"] == "".join(answers)
 
 
+
+
+def test_several_processes_launch_like_xtuner_train_with_deepspeed():
+    """train.devices N: what `NPROC_PER_NODE=N xtuner train CONFIG --deepspeed deepspeed_zeroN`
+    runs (torchrun on xtuner's train tool, --launcher pytorch), through stages.shims; each process
+    takes 1/N of the step's rows, so the global step stays the one-process one."""
+    from stages.train import TrainParams
+    from stages.train_xtuner import launch_command, plan_steps
+
+    cmd = launch_command(4, "zero2", Path("w/inputs/xtuner_config.py"), Path("w"))
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "stages.shims",
+                       "xtuner.tools.train", "w/inputs/xtuner_config.py", "--work-dir", "w",
+                       "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch"]
+    assert "--deepspeed" not in launch_command(2, "ddp", Path("c.py"), Path("w"))
+    encoded = [{"input_ids": [1] * 10, "labels": [1] * 10}] * 40
+    p = TrainParams(backend="xtuner", batch_size=8, pack=False, epochs=1)
+    one, four = plan_steps(p, encoded), plan_steps(p, encoded, nproc=4)
+    assert (one["batch_rows"], one["steps_per_epoch"]) == (8, 5)
+    assert (four["batch_rows"], four["steps_per_epoch"]) == (2, 5)  # 4 processes x 2 rows = the same 8 a step
