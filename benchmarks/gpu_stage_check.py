@@ -157,7 +157,8 @@ def check_eval(folder: Path, cuda: bool) -> dict:
     import ast
 
     from stages.common import pick_device
-    from stages.eval import EvalParams, write_config
+    from stages.eval import EvalParams
+    from stages.eval_config import write_config
 
     device = pick_device("auto")
     out = folder / "eval_check"

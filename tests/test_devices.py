@@ -75,7 +75,7 @@ def test_turbomind_settings_per_device():
 # --- eval: OpenCompass model entries on the device ----------------------------------------------------
 
 def test_hf_run_settings_per_device():
-    from stages.eval import hf_run_settings
+    from stages.eval_config import hf_run_settings
 
     assert hf_run_settings("cuda", "auto") == {"model_kwargs": {"device_map": "cuda", "torch_dtype": "bfloat16"},
                                                "run_cfg": {"num_gpus": 1}}
@@ -102,7 +102,8 @@ def config_models(path) -> list[dict]:
 
 @pytest.mark.parametrize("device", [pick_device("auto"), "cuda"])
 def test_written_config_puts_models_on_the_device(tmp_path, device):
-    from stages.eval import EvalParams, write_config
+    from stages.eval import EvalParams
+    from stages.eval_config import write_config
 
     p = EvalParams(batch_size=4)  # device auto, dtype auto: what the stage does with params.yaml's defaults
     models = [{"abbr": "merged", "path": str(tmp_path / "models/merged")},

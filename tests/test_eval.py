@@ -318,7 +318,7 @@ print(json.dumps(bad))
 def test_batch_encode_plus_shim_is_still_needed():
     """The written config restores PreTrainedTokenizerBase.batch_encode_plus (removed in
     transformers 5) because opencompass's HF chat wrapper calls it. When this fails, drop the shim
-    from stages/eval.py's CONFIG_HEAD."""
+    from stages/eval_config.py's CONFIG_HEAD."""
     check = r'''
 import importlib.util, json, pathlib, transformers
 src = pathlib.Path(importlib.util.find_spec("opencompass").origin).parent / "models/huggingface_above_v4_33.py"

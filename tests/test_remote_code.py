@@ -88,7 +88,8 @@ def test_merged_model_ships_its_code_and_loads_with_it(chain):
 
 
 def test_eval_config_passes_the_flag_for_the_merged_model(chain, tmp_path):
-    from stages.eval import EvalParams, write_config
+    from stages.eval import EvalParams
+    from stages.eval_config import write_config
     from stages.remote_code import load_kwargs
 
     merged = chain / "models/merged"
