@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
+from stages.chat_template import IGNORE, TemplateError, tokenize_conversation
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 
@@ -67,10 +67,9 @@ def load_pairs(path: str, tokenizer, max_length: int) -> list[dict]:
     """Each preference row as two tokenized sequences whose labels cover only the answers' own tokens."""
     if not Path(path).exists():
         raise StageError(f"{path}: not found (run the split stage)")
-    try:
-        stop_id = stop_token_ids(tokenizer)[0]
-    except TemplateError as e:
-        raise StageError(f"base tokenizer: {e}") from None
+    from stages.train import end_of_turn_id
+
+    stop_id = end_of_turn_id(tokenizer)
     pairs = []
     for n, row in enumerate(read_jsonl(path), start=1):
         rejected = row.get("rejected")

@@ -271,13 +271,18 @@ def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
     return loss.detach()
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The chat template's end-of-turn token id (what answers are labelled through), or one line saying why not."""
+    try:
+        return stop_token_ids(tokenizer)[0]
+    except TemplateError as e:
+        raise StageError(f"base tokenizer: {e}") from None
+
+
 def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     if not Path(path).exists():
         raise StageError(f"{path}: not found (run the split stage)")
-    try:
-        stop_id = stop_token_ids(tokenizer)[0]
-    except TemplateError as e:
-        raise StageError(f"base tokenizer: {e}") from None
+    stop_id = end_of_turn_id(tokenizer)
     examples = []
     for n, row in enumerate(read_jsonl(path), start=1):
         try:
