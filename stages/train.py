@@ -74,6 +74,7 @@ class TrainParams(Params):
     loss_chunk_size: int = 0       # hf: >0: loss from hidden states this many tokens at a time
     compile: bool = False          # hf: torch.compile each decoder layer
     gradient_checkpointing: bool = False
+    deepspeed: Literal["none", "zero2"] = "none"  # xtuner: ZeRO-2 through xtuner's own --deepspeed
     save_every: int = Field(50, ge=0)  # steps between resumable checkpoints (stages/checkpoints.py); 0: none
     resume: Literal["auto", "never"] = "auto"  # auto: a rerun continues from the last matching checkpoint
     lora: LoraParams = LoraParams()
@@ -529,6 +530,9 @@ def main() -> None:
                "--loss-plot", args.loss_plot]
         sys.exit(subprocess.run(cmd).returncode)
 
+    if p.deepspeed != "none":
+        raise StageError(f"params.yaml: train.deepspeed={p.deepspeed} is for train.backend=xtuner (the hf backend "
+                         "trains on one device); set train.deepspeed: none or train.backend: xtuner")
     metrics = train_hf(p, args)
     Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a DVC out: there even when no step saved one
     write_json(args.metrics, metrics)
