@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages.chat_template import IGNORE, TemplateError, tokenize_conversation
-from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
+from stages.common import (Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 
 
@@ -179,11 +179,9 @@ def run_dpo(p: DpoParams, args) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_base_tokenizer(args.base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from stages.train import seeded_start
+
+    device, tokenizer, pad_id = seeded_start(p.seed, args.base)
     train = load_pairs(args.train, tokenizer, p.max_length)
     test = load_pairs(args.test, tokenizer, p.max_length)
     path, load = resolve_base(args.base)

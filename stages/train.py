@@ -272,6 +272,19 @@ def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
     return loss.detach()
 
 
+def seeded_start(seed: int, base: str):
+    """What the LoRA stages (train, cpt, dpo) start with: Python's and torch's RNGs seeded, the device
+    (cuda when visible), the base model's tokenizer and the id batches are padded with."""
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_base_tokenizer(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return device, tokenizer, pad_id
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The chat template's end-of-turn token id (what answers are labelled through), or one line saying why not."""
     try:
@@ -405,22 +418,17 @@ def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device) -> float
 
 
 def train_hf(p: TrainParams, args) -> dict:
-    import torch
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from stages import checkpoints
 
     made_from = checkpoints.fingerprint(p.model_dump(mode="json"), [args.train, args.val, args.base])
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, tokenizer, pad_id = seeded_start(p.seed, args.base)
     path, load = resolve_base(args.base)
-    tokenizer = load_base_tokenizer(args.base)
     model = build_model(path, load, p, device)
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p, step_report = resolve_step_tokens(model, train, p, pad_id, device)
 
     rng = random.Random(p.seed)

@@ -66,6 +66,19 @@ def check_quantize(p: TrainParams, cuda: bool) -> None:
                          "e.g. bitsandbytes==0.45.0, which xtuner 0.2 asks for)")
 
 
+def single_process_env() -> dict[str, str]:
+    """The torch.distributed rendezvous of a one-process job: DeepSpeed initializes a process group
+    even for one process and, finding no RANK/WORLD_SIZE, goes looking for MPI (mpi4py) instead.
+    Values already set (torchrun, a cluster launcher) win where the caller merges them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def train_args(config: Path, work: Path, p: TrainParams) -> list[str]:
     """xtuner.tools.train's arguments: the config, the work dir and, with train.deepspeed, its --deepspeed."""
     args = [str(config), "--work-dir", str(work)]
