@@ -72,8 +72,8 @@ from stages.chat_template import TemplateError, stop_token_ids, tokenize_convers
 from stages.common import (StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 from stages.train import TrainParams, peak_memory_mb, write_loss_curve
-from stages.xtuner_config import (CONFIG_NAME, check_quantize, render_config, resolve_packing, single_process_env,
-                                  train_args)
+from stages.xtuner_config import (CONFIG_NAME, check_quantize, deepspeed_config, render_config, resolve_packing,
+                                  single_process_env, train_args)
 
 # The generated config and xtuner's data live in <work-dir>/inputs/: mmengine's Runner dumps its
 # resolved copy of the config to <work-dir>/<config name>, which must not overwrite ours.
@@ -362,9 +362,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
     t0 = time.perf_counter()
-    if p.deepspeed != "none" and "RANK" not in os.environ:  # not under torchrun: a one-process group
-        os.environ.update(single_process_env())
-    run_tool("xtuner.tools.train", train_args(config, work, p))
+    deepspeed_json = None
+    if p.deepspeed != "none":
+        deepspeed_json = work / INPUTS / f"deepspeed_{p.deepspeed}.json"
+        write_json(deepspeed_json, deepspeed_config(p, cuda))
+        if "RANK" not in os.environ:  # not under torchrun: a one-process group
+            os.environ.update(single_process_env())
+    run_tool("xtuner.tools.train", train_args(config, work, deepspeed_json))
     total_time = time.perf_counter() - t0
     log_dirs = sorted(d for d in work.iterdir() if d.is_dir() and LOG_DIR.fullmatch(d.name))
     if not log_dirs or not (work / "last_checkpoint").is_file():

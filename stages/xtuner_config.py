@@ -79,11 +79,27 @@ def single_process_env() -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def train_args(config: Path, work: Path, p: TrainParams) -> list[str]:
-    """xtuner.tools.train's arguments: the config, the work dir and, with train.deepspeed, its --deepspeed."""
+def deepspeed_config(p: TrainParams, cuda: bool) -> dict:
+    """xtuner's own ZeRO json for train.deepspeed, its precision set from train.dtype: xtuner's "auto"
+    picks fp16 wherever bf16 is missing, and DeepSpeed refuses fp16 on a CPU (this pipeline trains in
+    fp32, or bf16 on a GPU, never fp16)."""
+    import json
+
+    import xtuner
+
+    path = Path(xtuner.__file__).parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIGS[p.deepspeed]}.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["fp16"] = {**config.get("fp16", {}), "enabled": False}
+    config["bf16"] = {**config.get("bf16", {}), "enabled": p.dtype == "bfloat16" and cuda}
+    return config
+
+
+def train_args(config: Path, work: Path, deepspeed_json: Path | None = None) -> list[str]:
+    """xtuner.tools.train's arguments: the config, the work dir and, with train.deepspeed, its own
+    --deepspeed flag naming the ZeRO json (deepspeed_config, written next to the config)."""
     args = [str(config), "--work-dir", str(work)]
-    if p.deepspeed != "none":
-        args += ["--deepspeed", DEEPSPEED_CONFIGS[p.deepspeed]]
+    if deepspeed_json is not None:
+        args += ["--deepspeed", str(deepspeed_json)]
     return args
 
 

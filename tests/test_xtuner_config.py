@@ -5,6 +5,8 @@ the core env; tests/test_train_xtuner.py runs xtuner itself."""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,12 +74,21 @@ def test_nf4_on_cpu_is_one_clear_error():
 
 
 def test_deepspeed_zero2_goes_through_xtuners_own_flag():
-    p = TrainParams(backend="xtuner", deepspeed="zero2")
-    assert train_args(Path("w/inputs/c.py"), Path("w"), p) == ["w/inputs/c.py", "--work-dir", "w",
-                                                               "--deepspeed", "deepspeed_zero2"]
-    assert train_args(Path("c.py"), Path("w"), TrainParams(backend="xtuner")) == ["c.py", "--work-dir", "w"]
-    # xtuner resolves the name to its own ZeRO-2 json (xtuner/configs/deepspeed/)
-    found = list((ROOT / ".venvs/xtuner/lib").glob("python3*/site-packages/xtuner/configs/deepspeed/deepspeed_zero2.json"))
-    if not found:
-        pytest.skip(".venvs/xtuner has no xtuner")
-    assert '"stage": 2' in found[0].read_text()
+    assert train_args(Path("w/inputs/c.py"), Path("w"), Path("w/inputs/deepspeed_zero2.json")) == [
+        "w/inputs/c.py", "--work-dir", "w", "--deepspeed", "w/inputs/deepspeed_zero2.json"]
+    assert train_args(Path("c.py"), Path("w")) == ["c.py", "--work-dir", "w"]
+
+
+def test_deepspeed_json_is_xtuners_zero2_in_the_pipelines_precision():
+    python = ROOT / ".venvs/xtuner/bin/python"
+    if not python.exists():
+        pytest.skip(".venvs/xtuner is missing: build it with `TUNEPIPE_ENVS=xtuner ./setup.sh`")
+    code = ("import json; from stages.train import TrainParams; from stages.xtuner_config import deepspeed_config; "
+            "print(json.dumps([deepspeed_config(TrainParams(deepspeed='zero2', dtype=d), cuda=c) "
+            "for d, c in (('float32', False), ('bfloat16', True))]))")
+    out = subprocess.run([str(python), "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    cpu, gpu = json.loads(out.splitlines()[-1])
+    assert cpu["zero_optimization"]["stage"] == 2
+    assert (cpu["fp16"]["enabled"], cpu["bf16"]["enabled"]) == (False, False)  # DeepSpeed has no fp16 on CPU
+    assert cpu["train_micro_batch_size_per_gpu"] == "auto"  # xtuner fills it in from the config
+    assert (gpu["fp16"]["enabled"], gpu["bf16"]["enabled"]) == (False, True)
