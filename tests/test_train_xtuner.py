@@ -165,3 +165,24 @@ def test_xtuner_trains_on_the_chat_template_tokens(trained):
         assert row["trained"] == "".join(answers)
 
 
+
+
+def test_deepspeed_zero2_through_xtuners_flag_on_one_cpu_process(trained):
+    """train.deepspeed zero2: xtuner's own --deepspeed runs DeepSpeed's ZeRO-2 engine in one process
+    (a one-process torch.distributed group, fp32 on CPU), and the stage still writes the adapter and
+    metrics as without it; pack true without flash-attn trains unpacked, saying so."""
+    folder, _, _ = trained
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"] = {**params["train"], "epochs": 1, "deepspeed": "zero2", "pack": True}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        run = train(folder, "zero2")
+    finally:
+        (folder / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    work = folder / "models/checkpoints/xtuner"
+    assert json.loads((work / "inputs/deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
+    assert "warning: train.pack ignored, trained unpacked" in run["log"]
+    assert "pack_to_max_length = False" in (work / "inputs/xtuner_config.py").read_text()
+    assert "DeepSpeedStrategy" in (work / "xtuner_config.py").read_text()  # the config mmengine ran
+    assert (run["adapter"] / "adapter_model.safetensors").is_file()
+    assert run["metrics"]["steps"] == 5 and run["metrics"]["val_loss_after"] < run["metrics"]["val_loss_before"]
