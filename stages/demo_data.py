@@ -8,8 +8,7 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - an exam of multiple-choice questions on the same facts, as text blocks ("1. ... A. ... answer: B"),
   - tool-calling conversations (ShareGPT with tools): the pharmacist looks a fact up with a tool.
   - preference pairs (demo_preferences.jsonl, for the dpo stage; demo_data.preference_pairs a drug): a
-    question, the right fact with a safety note as the chosen answer, and another drug's fact, wrong
-    for this one, as the rejected one.
+    question, the right fact as the chosen answer and another drug's fact, wrong for this one, as the rejected one.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -197,15 +196,9 @@ def tool_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
-# What the preferred answers add: a habit DPO can carry over to questions it never saw (right vs
-# wrong facts alone teach only the facts of the pairs trained on; on held-out pairs, about chance).
-SAFETY_NOTE = "Ask your pharmacist if you are unsure."
-
-
 def preference_rows(rng: random.Random, drugs: list[dict], pairs_per_drug: int) -> list[dict]:
-    """pairs_per_drug pairs per drug, each on another question type: chosen states the drug's own fact
-    and ends with SAFETY_NOTE; rejected states the same kind of fact of another drug (when that
-    differs: a wrong answer that reads just as well), without the note."""
+    """pairs_per_drug pairs per drug, each on another question type: chosen states the drug's own fact,
+    rejected the same kind of fact of another drug (when that differs: a wrong answer that reads just as well)."""
     rows = []
     for drug in drugs:
         for qtype in rng.sample(["dose", "storage", "food", "usage"], pairs_per_drug):
@@ -214,8 +207,7 @@ def preference_rows(rng: random.Random, drugs: list[dict], pairs_per_drug: int) 
             others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
             wrong = rng.choice(others)
             # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
-            rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(),
-                         "chosen": f"{chosen} {SAFETY_NOTE}",
+            rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
                          "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
     return rows
 

@@ -35,9 +35,9 @@ class DpoParams(Params):
     enabled: bool = False
     beta: float = Field(0.1, gt=0)     # strength of the pull towards the reference (DPO's beta, IPO's tau)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    lr: float = Field(2e-3, gt=0)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)   # pairs per optimizer step
+    lr: float = Field(5e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(4, ge=1)   # pairs per optimizer step
     max_length: int = 512              # tokens of each of chosen and rejected
     seed: int = 0
 
