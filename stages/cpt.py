@@ -19,10 +19,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
+from stages.common import (Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
-from stages.train import LoraParams, TrainParams, build_model, make_batch, make_optimizer, plan_steps, train_step, \
-    write_loss_curve
+from stages.train import (LoraParams, TrainParams, build_model, make_batch, make_optimizer, plan_steps, seeded_start,
+                          train_step, write_loss_curve)
 
 
 class CptParams(Params):
@@ -53,19 +53,13 @@ def load_documents(path: str, tokenizer, max_length: int) -> list[dict]:
 
 
 def run_cpt(p: CptParams, args) -> dict:
-    import torch
-
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_base_tokenizer(args.base)
+    device, tokenizer, pad_id = seeded_start(p.seed, args.base)
     docs = load_documents(args.corpus, tokenizer, p.max_length)
     # train's loop settings: packed rows of max_length, documents isolated, fp32 on this path
     tp = TrainParams(seed=p.seed, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, max_length=p.max_length,
                      pack=True, lora=p.lora)
     path, load = resolve_base(args.base)
     model = build_model(path, load, tp, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(model, tp, device)
     rng, curve, tokens, step = random.Random(p.seed), [], 0, 0
     model.train()

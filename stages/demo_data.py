@@ -7,8 +7,8 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - a plain-text corpus of drug fact sheets, which the base stage pre-trains the demo model on,
   - an exam of multiple-choice questions on the same facts, as text blocks ("1. ... A. ... answer: B"),
   - tool-calling conversations (ShareGPT with tools): the pharmacist looks a fact up with a tool.
-  - preference pairs (demo_preferences.jsonl, for the dpo stage): a question, the right fact as the
-    chosen answer and another drug's fact, wrong for this one, as the rejected answer.
+  - preference pairs (demo_preferences.jsonl, for the dpo stage; demo_data.preference_pairs a drug): a
+    question, the right fact as the chosen answer and another drug's fact, wrong for this one, as the rejected one.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ from openpyxl import Workbook
 from openpyxl.xml.constants import ARC_CORE
 from openpyxl.xml.functions import tostring
 
+from pydantic import Field
+
 from stages.common import Params, atomic_path, load_params, run_stage
 
 
@@ -35,6 +37,7 @@ class DemoDataParams(Params):
     duplicated_rows: int = 3
     exam_questions: int = 60      # multiple-choice questions (one a drug, the first drugs)
     tool_rows: int = 30           # tool-calling conversations (one a drug, the last drugs)
+    preference_pairs: int = Field(2, ge=1, le=4)  # preference pairs per drug, each on another question type
 
 
 SYLLABLES = ["zor", "va", "tin", "pel", "mi", "dex", "lo", "ran", "qui", "sol", "ta", "ber", "no", "fa", "cor", "xi"]
@@ -193,19 +196,19 @@ def tool_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
-def preference_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
-    """One pair per drug: chosen states its own fact, rejected the same kind of fact of another drug
-    (when that differs: a wrong answer that reads just as well)."""
+def preference_rows(rng: random.Random, drugs: list[dict], pairs_per_drug: int) -> list[dict]:
+    """pairs_per_drug pairs per drug, each on another question type: chosen states the drug's own fact,
+    rejected the same kind of fact of another drug (when that differs: a wrong answer that reads just as well)."""
     rows = []
     for drug in drugs:
-        qtype = rng.choice(["dose", "storage", "food", "usage"])
-        question, answer = QUESTION_TYPES[qtype]
-        chosen = answer.format(**drug)
-        others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
-        wrong = rng.choice(others)
-        # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
-        rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
-                     "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
+        for qtype in rng.sample(["dose", "storage", "food", "usage"], pairs_per_drug):
+            question, answer = QUESTION_TYPES[qtype]
+            chosen = answer.format(**drug)
+            others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
+            wrong = rng.choice(others)
+            # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
+            rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
+                         "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
     return rows
 
 
@@ -238,10 +241,10 @@ def main() -> None:
                                for r in tool_rows(extra, drugs[len(drugs) - p.tool_rows:])), encoding="utf-8")
     with atomic_path(out / "demo_preferences.jsonl") as tmp:  # its own rng: the files above stay as they were
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                               for r in preference_rows(random.Random(p.seed + 1), drugs)), encoding="utf-8")
+                               for r in preference_rows(random.Random(p.seed + 1), drugs, p.preference_pairs)), encoding="utf-8")
     print(f"demo_data: {p.drugs} drugs -> {out}/demo_medication_qa.xlsx, demo_pharmacist_chat.jsonl, demo_drug_facts.txt, "
           f"demo_drug_exam.txt ({p.exam_questions} questions), demo_tool_calls.jsonl ({p.tool_rows} conversations), "
-          "demo_preferences.jsonl")
+          f"demo_preferences.jsonl ({p.preference_pairs} pairs a drug)")
 
 
 if __name__ == "__main__":

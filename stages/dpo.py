@@ -26,8 +26,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
-from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, read_jsonl, resolve_base,
+from stages.chat_template import IGNORE, TemplateError, tokenize_conversation
+from stages.common import (Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
 
 
@@ -67,10 +67,9 @@ def load_pairs(path: str, tokenizer, max_length: int) -> list[dict]:
     """Each preference row as two tokenized sequences whose labels cover only the answers' own tokens."""
     if not Path(path).exists():
         raise StageError(f"{path}: not found (run the split stage)")
-    try:
-        stop_id = stop_token_ids(tokenizer)[0]
-    except TemplateError as e:
-        raise StageError(f"base tokenizer: {e}") from None
+    from stages.train import end_of_turn_id
+
+    stop_id = end_of_turn_id(tokenizer)
     pairs = []
     for n, row in enumerate(read_jsonl(path), start=1):
         rejected = row.get("rejected")
@@ -182,11 +181,9 @@ def run_dpo(p: DpoParams, args) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_base_tokenizer(args.base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from stages.train import seeded_start
+
+    device, tokenizer, pad_id = seeded_start(p.seed, args.base)
     train = load_pairs(args.train, tokenizer, p.max_length)
     test = load_pairs(args.test, tokenizer, p.max_length)
     path, load = resolve_base(args.base)

@@ -52,7 +52,7 @@ def device_problems(everything: dict, has_cuda) -> list[str]:
     """Settings that need a GPU; has_cuda is called (importing torch) only if one is set."""
     train, merge, tm, ev = (_section(everything, s) for s in ("train", "merge", "turbomind", "eval"))
     wants = []
-    if train.get("quantize") == "nf4" and train.get("backend", "hf") == "hf":
+    if train.get("quantize") == "nf4":  # both backends: bitsandbytes' 4-bit kernels
         wants.append("train.quantize: nf4 (QLoRA through bitsandbytes) needs CUDA")
     for name, section in (("merge", merge), ("turbomind", tm), ("eval", ev)):
         if section.get("device") == "cuda":
@@ -109,9 +109,6 @@ def model_problems(everything: dict) -> list[str]:
         if name not in MADE_MODELS:
             problems.append(f"eval.models[{n}] '{name}': no stage makes it (stages make: "
                             f"{'; '.join(f'{k} by the {v}' for k, v in MADE_MODELS.items())})")
-    train = _section(everything, "train")
-    if train.get("backend") == "xtuner" and train.get("quantize") == "nf4":
-        problems.append("train.quantize: nf4 is the hf backend's QLoRA, but train.backend is xtuner")
     return problems
 
 

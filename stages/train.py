@@ -77,6 +77,7 @@ class TrainParams(Params):
     loss_chunk_size: int = 0       # hf: >0: loss from hidden states this many tokens at a time
     compile: bool = False          # hf: torch.compile each decoder layer
     gradient_checkpointing: bool = False
+    deepspeed: Literal["none", "zero2"] = "none"  # xtuner: ZeRO-2 through xtuner's own --deepspeed
     save_every: int = Field(50, ge=0)  # steps between resumable checkpoints (stages/checkpoints.py); 0: none
     resume: Literal["auto", "never"] = "auto"  # auto: a rerun continues from the last matching checkpoint
     lora: LoraParams = LoraParams()
@@ -296,13 +297,31 @@ def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
     return loss.detach()
 
 
+def seeded_start(seed: int, base: str):
+    """What the LoRA stages (train, cpt, dpo) start with: Python's and torch's RNGs seeded, the device
+    (cuda when visible), the base model's tokenizer and the id batches are padded with."""
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_base_tokenizer(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return device, tokenizer, pad_id
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The chat template's end-of-turn token id (what answers are labelled through), or one line saying why not."""
+    try:
+        return stop_token_ids(tokenizer)[0]
+    except TemplateError as e:
+        raise StageError(f"base tokenizer: {e}") from None
+
+
 def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     if not Path(path).exists():
         raise StageError(f"{path}: not found (run the split stage)")
-    try:
-        stop_id = stop_token_ids(tokenizer)[0]
-    except TemplateError as e:
-        raise StageError(f"base tokenizer: {e}") from None
+    stop_id = end_of_turn_id(tokenizer)
     examples = []
     for n, row in enumerate(read_jsonl(path), start=1):
         try:
@@ -436,16 +455,13 @@ def train_hf(p: TrainParams, args, group=None) -> dict:
     from stages import checkpoints
 
     made_from = checkpoints.fingerprint(p.model_dump(mode="json"), [args.train, args.val, args.base])
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)  # the same LoRA init on every rank
+    _, tokenizer, pad_id = seeded_start(p.seed, args.base)  # the same LoRA init on every rank
     device = group.device if group is not None else torch.device(pick_device(p.device))
     main_rank = group is None or group.main
     path, load = resolve_base(args.base)
-    tokenizer = load_base_tokenizer(args.base)
     model = build_model(path, load, p, device)
     train = load_examples(args.train, tokenizer, p.max_length)
     val = load_examples(args.val, tokenizer, p.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p, step_report = resolve_step_tokens(model, train, p, pad_id, device)
 
     rng = random.Random(p.seed)
@@ -575,6 +591,9 @@ def main() -> None:
                "--loss-plot", args.loss_plot]
         sys.exit(subprocess.run(cmd).returncode)
 
+    if p.deepspeed != "none":
+        raise StageError(f"params.yaml: train.deepspeed={p.deepspeed} is for train.backend=xtuner in one process; "
+                         "the hf backend takes train.sharding zero2|zero3 with train.devices")
     nproc = distributed.process_count(p.devices, p.sharding, p.device)
     if nproc > 1 and not distributed.launched():  # this same stage again, as nproc processes
         sys.exit(distributed.relaunch(nproc, "stages.train", sys.argv[1:]))

@@ -18,16 +18,16 @@ What xtuner sees, per conversation: token ids and labels made by the pipeline it
 model's chat template (stages/chat_template.py, the hf backend's tokenization), written to
 <work-dir>/inputs/train.jsonl; the config has xtuner's process_hf_dataset take them as they are
 (no map function, no xtuner prompt template, no second tokenization): the loss is on the assistant
-turns and their end-of-turn token, for every model family the pipeline supports. Tool-calling
-conversations too: the tools offered, the calls (trained) and the tool results (not trained) are
-rendered by the template as in the hf backend (stages/chat_template.py, `render_chat`).
+turns and their end-of-turn token, for every model family the pipeline supports.
 
 How params map onto xtuner:
 - batch_size: conversations per optimizer step on one process (xtuner `batch_size`, no gradient
   accumulation); with pack=true xtuner batches packed rows of max_length tokens, so it gets the
   number of rows that holds batch_size conversations of the mean length (at least 1).
-- pack: xtuner's `pack_to_max_length`. xtuner cannot isolate packed conversations from each other
-  without flash-attn (`use_varlen_attn`), which this environment does not install: they attend across.
+- pack: xtuner's `pack_to_max_length` with `use_varlen_attn` (packed conversations isolated) where
+  flash-attn is importable on a GPU; elsewhere pack is turned off with a warning
+  (stages/xtuner_config.py, which also maps quantize nf4 to QLoRA and deepspeed zero2 to
+  xtuner's `--deepspeed deepspeed_zero2`).
 - warmup_ratio: linear warmup over round(ratio * total steps) steps (none when that is 0), then
   cosine decay to 0, so tiny data cannot produce an empty warmup ("end should be larger than
   begin").
@@ -36,7 +36,7 @@ How params map onto xtuner:
 - gradient_checkpointing: SupervisedFinetune's `use_activation_checkpointing`.
 - seed: `randomness.seed` and the sampler's seed.
 - attn_implementation: sdpa or eager, passed to from_pretrained. The hf backend's other speed
-  options (quantize, step_tokens, pack_tokens other than max_length, loss_chunk_size, compile,
+  options (step_tokens, pack_tokens other than max_length, loss_chunk_size, compile,
   attn_implementation flex_attention/varlen) are refused with an error, not ignored.
 
 Outputs, the same files and metric names as the hf backend (stages/train.py): the adapter in
@@ -73,23 +73,22 @@ from stages.common import (StageError, atomic_path, load_base_tokenizer, load_pa
                            run_stage, write_json)
 from stages.distributed import process_count
 from stages.train import TrainParams, peak_memory_mb, write_loss_curve
+from stages.xtuner_config import (CONFIG_NAME, check_quantize, deepspeed_config, render_config, resolve_packing,
+                                  single_process_env, train_args)
 
 # The generated config and xtuner's data live in <work-dir>/inputs/: mmengine's Runner dumps its
 # resolved copy of the config to <work-dir>/<config name>, which must not overwrite ours.
 INPUTS = "inputs"
-CONFIG_NAME = "xtuner_config.py"
 FINGERPRINT = "fingerprint.json"  # what the run in the work dir is made from (stages/checkpoints.py)
 LOG_DIR = re.compile(r"\d{8}_\d{6}")  # mmengine's per-launch log folder
-ROLES = {"system", "user", "assistant", "tool"}
+ROLES = {"system", "user", "assistant"}
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def load_conversations(path: Path) -> list[dict]:
-    """{"messages", "tools"} of each canonical record, checked. Tool calls (an assistant's
-    "tool_calls") and tool results (role "tool") are kept: encode renders them, and the tools
-    offered, with the base model's chat template as the hf backend does."""
+def load_conversations(path: Path) -> list[list[dict]]:
+    """The messages of each canonical record, checked."""
     if not path.is_file():
         raise StageError(f"{path}: file not found")
     try:
@@ -106,13 +105,13 @@ def load_conversations(path: Path) -> list[dict]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise StageError(
-                    f"{where}: messages[{i}] must be {{role: system|user|assistant|tool, content: str}}, "
-                    f"got {json.dumps(m, ensure_ascii=False)[:120]}"
+                    f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}} "
+                    f"(the xtuner backend has no tool turns), got {json.dumps(m, ensure_ascii=False)[:120]}"
                 )
-            clean.append({k: m[k] for k in ("role", "content", "tool_calls") if k in m})
+            clean.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in clean):
             raise StageError(f"{where}: no assistant message, nothing to train on")
-        conversations.append({"messages": clean, "tools": rec.get("tools")})
+        conversations.append(clean)
     return conversations
 
 
@@ -125,7 +124,7 @@ def write_tokenized_jsonl(path: Path, encoded: list[dict]) -> None:
             f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
 
 
-def encode(conversations: list[dict], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
+def encode(conversations: list[list[dict]], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
     """Token ids and labels of each conversation with the base model's chat template (the hf
     backend's own tokenization); conversations with no answer token within max_length are dropped."""
     try:
@@ -133,9 +132,9 @@ def encode(conversations: list[dict], tokenizer, max_length: int, source: Path |
     except TemplateError as e:
         raise StageError(f"base tokenizer: {e}") from None
     out = []
-    for n, conversation in enumerate(conversations, start=1):
+    for n, messages in enumerate(conversations, start=1):
         try:
-            enc = tokenize_conversation(tokenizer, conversation["messages"], max_length, stop_id, conversation["tools"])
+            enc = tokenize_conversation(tokenizer, messages, max_length, stop_id)
         except TemplateError as e:
             raise StageError(f"{source or 'conversations'}: record {n}: {e}") from None
         if any(label >= 0 for label in enc["labels"]):
@@ -149,7 +148,7 @@ def encode(conversations: list[dict], tokenizer, max_length: int, source: Path |
 def unsupported_options(p: TrainParams) -> list[str]:
     """hf-backend options (stages/train.py) that this backend cannot honour, set to non-default
     values: refused rather than silently ignored."""
-    allowed = {"quantize": ("none",), "step_tokens": (None,), "loss_chunk_size": (0,), "compile": (False,),
+    allowed = {"step_tokens": (None,), "loss_chunk_size": (0,), "compile": (False,),
                "attn_implementation": ("sdpa", "eager"), "pack_tokens": (None, p.max_length)}
     return [f"train.{name}={getattr(p, name)!r}" for name, ok in allowed.items()
             if hasattr(p, name) and getattr(p, name) not in ok]
@@ -194,184 +193,6 @@ def plan_steps(p: TrainParams, encoded: list[dict], nproc: int = 1) -> dict:
             "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup}
 
 
-def render_config(p: TrainParams, *, base: str, revision: str | None, train_file: Path,
-                  plan: dict, map_num_proc: int, use_amp: bool, trust_remote_code: bool = False,
-                  resume: bool = False, dist_backend: str = "nccl") -> str:
-    """An xtuner 0.2 config (python), in the layout of xtuner's own configs."""
-    r = repr
-    spe = plan["steps_per_epoch"]
-    w = plan["warmup_steps"]
-    # schedulers are given in epochs and converted by mmengine with the real epoch length;
-    # (w + 0.5) / spe epochs converts back to exactly w steps (int() truncates)
-    warmup_end = (w + 0.5) / spe if w > 0 else 0
-    # the base's from_pretrained kwargs (stages.common.resolve_base), for its tokenizer and model;
-    # trust_remote_code (base.trust_remote_code) runs the code that ships with the model
-    extras = ([f"revision={r(revision)},"] if revision else []) + (["trust_remote_code=True,"] if trust_remote_code else [])
-    llm_extra = "".join("\n        " + e for e in extras)
-    tokenizer_extra = "".join("\n    " + e for e in extras)
-    if w > 0:
-        schedulers = """[
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_epochs,
-         convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_epochs, end=max_epochs,
-         convert_to_iter_based=True),
-]"""
-    else:
-        schedulers = """[
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=0, end=max_epochs,
-         convert_to_iter_based=True),
-]"""
-    optim_type = "AmpOptimWrapper" if use_amp else "OptimWrapper"
-    amp = '\n    dtype="bfloat16",' if use_amp else ""
-    return f'''# xtuner 0.2 config generated by tunepipe's stages/train_xtuner.py from params.yaml `train`.
-# Regenerated on every run of the stage: change params.yaml, not this file.
-# Rerun by hand from the repo root (shims: stages/shims.py):
-#   .venvs/xtuner/bin/python -m stages.shims xtuner.tools.train {train_file.parent / CONFIG_NAME} \\
-#       --work-dir {train_file.parent.parent}
-import torch
-from datasets import load_dataset
-from mmengine.dataset import DefaultSampler
-from mmengine.hooks import CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR, OptimWrapper
-from mmengine.visualization import LocalVisBackend, Visualizer
-from peft import LoraConfig
-from torch.optim import AdamW
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from xtuner.dataset import process_hf_dataset
-from xtuner.dataset.collate_fns import default_collate_fn
-from xtuner.engine.hooks import DatasetInfoHook
-from xtuner.engine.runner import TrainLoop
-from xtuner.model import SupervisedFinetune
-
-#######################################################################
-#                          PART 1  Settings                           #
-#######################################################################
-pretrained_model_name_or_path = {r(base)}
-data_files = {r(str(train_file))}
-# input_ids + labels per line, tokenized by tunepipe with the base model's chat template
-max_length = {p.max_length}
-pack_to_max_length = {p.pack}
-use_varlen_attn = False
-map_num_proc = {map_num_proc}
-
-# per process; {"packed rows of max_length tokens holding about train.batch_size=" + str(p.batch_size) + " conversations" if p.pack else "conversations"}
-batch_size = {plan["batch_rows"]}
-accumulative_counts = 1
-dataloader_num_workers = 0
-max_epochs = {p.epochs}
-lr = {p.lr!r}
-betas = (0.9, 0.999)
-weight_decay = {p.weight_decay!r}
-max_norm = 1.0  # grad clip
-# tunepipe counted {plan["rows_per_epoch"]} rows -> {spe} steps per epoch, {plan["total_steps"]} in all;
-# warmup_ratio {p.warmup_ratio} -> {w} warmup steps
-warmup_epochs = {warmup_end!r}
-seed = {p.seed}
-
-#######################################################################
-#                      PART 2  Model & Tokenizer                      #
-#######################################################################
-tokenizer = dict(
-    type=AutoTokenizer.from_pretrained,
-    pretrained_model_name_or_path=pretrained_model_name_or_path,{tokenizer_extra}
-    padding_side="right",
-)
-
-model = dict(
-    type=SupervisedFinetune,
-    use_varlen_attn=use_varlen_attn,
-    use_activation_checkpointing={p.gradient_checkpointing},
-    llm=dict(
-        type=AutoModelForCausalLM.from_pretrained,
-        pretrained_model_name_or_path=pretrained_model_name_or_path,{llm_extra}
-        dtype=torch.{p.dtype},
-        attn_implementation={getattr(p, "attn_implementation", "sdpa")!r},
-    ),
-    lora=dict(
-        type=LoraConfig,
-        r={p.lora.r},
-        lora_alpha={p.lora.alpha},
-        lora_dropout={p.lora.dropout!r},
-        target_modules={r(list(p.lora.target_modules))},
-        bias="none",
-        task_type="CAUSAL_LM",
-    ),
-)
-
-#######################################################################
-#                      PART 3  Dataset & Dataloader                   #
-#######################################################################
-train_dataset = dict(
-    type=process_hf_dataset,
-    dataset=dict(type=load_dataset, path="json", data_files=dict(train=data_files)),
-    tokenizer=tokenizer,
-    max_length=max_length,
-    dataset_map_fn=None,
-    template_map_fn=None,
-    do_dataset_tokenization=False,
-    remove_unused_columns=True,
-    shuffle_before_pack=True,
-    pack_to_max_length=pack_to_max_length,
-    use_varlen_attn=use_varlen_attn,
-    map_num_proc=map_num_proc,
-)
-
-train_dataloader = dict(
-    batch_size=batch_size,
-    num_workers=dataloader_num_workers,
-    dataset=train_dataset,
-    sampler=dict(type=DefaultSampler, shuffle=True, seed=seed),
-    collate_fn=dict(type=default_collate_fn, use_varlen_attn=use_varlen_attn),
-)
-
-#######################################################################
-#                    PART 4  Scheduler & Optimizer                    #
-#######################################################################
-optim_wrapper = dict(
-    type={optim_type},
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
-    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
-    accumulative_counts=accumulative_counts,{amp}
-)
-
-param_scheduler = {schedulers}
-
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
-
-#######################################################################
-#                           PART 5  Runtime                           #
-#######################################################################
-custom_hooks = [dict(type=DatasetInfoHook, tokenizer=tokenizer)]
-
-default_hooks = dict(
-    timer=dict(type=IterTimerHook),
-    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
-    param_scheduler=dict(type=ParamSchedulerHook),
-    # every train.save_every steps (else once an epoch); the last one is what the adapter is made from
-    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval={p.save_every or spe}, max_keep_ckpts=2,
-                    save_last=True),
-    sampler_seed=dict(type=DistSamplerSeedHook),
-)
-
-env_cfg = dict(
-    cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend={r(dist_backend)}),  # used by several processes (train.devices) only
-)
-
-# per-step scalars (loss, lr) to <work_dir>/<timestamp>/vis_data/scalars.json
-visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])
-log_level = "INFO"
-load_from = None
-# True when tunepipe continues a killed run (train.resume auto): mmengine loads <work_dir>/last_checkpoint
-resume = {resume}
-randomness = dict(seed=seed, deterministic=False)
-# window_size=1: every logged loss is that step's loss, not a running mean
-log_processor = dict(by_epoch=False, window_size=1, num_digits=6)
-'''
-
-
 # ----------------------------------------------------------------------------------------------
 # running xtuner's tools
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +202,7 @@ def resumable(work: Path, made_from: dict, mode: str, total_steps: int) -> tuple
     at the last step is a finished run's: a rerun trains afresh."""
     pointer = work / "last_checkpoint"  # mmengine writes it once the .pth it names is complete
     checkpoint = work / Path(pointer.read_text(encoding="utf-8").strip()).name if pointer.is_file() else None
-    if checkpoint is None or not checkpoint.is_file():
+    if checkpoint is None or not checkpoint.exists():  # a .pth file, or a folder with train.deepspeed
         return False, ""
     if mode == "never":
         return False, f"train.resume is never: {checkpoint} ignored"
@@ -400,7 +221,8 @@ def clear_previous_run(work: Path) -> None:
     dirs, config dump, inputs), and only that."""
     work.mkdir(parents=True, exist_ok=True)
     for item in work.iterdir():
-        if item.is_dir() and (item.name == INPUTS or LOG_DIR.fullmatch(item.name)):
+        if item.is_dir() and (item.name == INPUTS or LOG_DIR.fullmatch(item.name)
+                              or re.fullmatch(r"iter_\d+\.pth|epoch_\d+\.pth", item.name)):  # DeepSpeed's are folders
             shutil.rmtree(item)
         elif item.is_file() and (re.fullmatch(r"iter_\d+\.pth|epoch_\d+\.pth", item.name)
                                  or item.name in ("last_checkpoint", CONFIG_NAME)):
@@ -418,6 +240,31 @@ def run_tool(module: str, args: list[str]) -> None:
             raise StageError(f"{module} exited with {e.code}") from None
     finally:
         sys.argv = saved
+
+
+def launch_command(nproc: int, config: Path, work: Path, deepspeed_json: Path | None) -> list[str]:
+    """What `NPROC_PER_NODE=n xtuner train CONFIG [--deepspeed ...]` runs (xtuner's entry_point:
+    torchrun on tools/train.py with --launcher pytorch), here as this python's
+    torch.distributed.run on xtuner.tools.train through stages.shims, so that the shims reach every
+    process and a failure is a non-zero exit (the xtuner CLI exits 0 when its command fails)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "stages.shims", "xtuner.tools.train", *train_args(config, work, deepspeed_json),
+            "--launcher", "pytorch"]
+
+
+def run_xtuner_train(nproc: int, config: Path, work: Path, deepspeed_json: Path | None) -> None:
+    if nproc == 1:
+        if deepspeed_json is not None and "RANK" not in os.environ:  # not under torchrun: a one-process group
+            os.environ.update(single_process_env())
+        run_tool("xtuner.tools.train", train_args(config, work, deepspeed_json))
+        return
+    import subprocess
+
+    cmd = launch_command(nproc, config, work, deepspeed_json)
+    print(f"[train_xtuner] {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if subprocess.run(cmd, env=env).returncode:
+        raise StageError(f"xtuner.tools.train on {nproc} processes failed; its log is above")
 
 
 def read_scalars(log_dirs: list[Path]) -> list[tuple[int, float, float]]:
@@ -471,30 +318,6 @@ def validation_losses(base: str, load: dict, adapter: Path, encoded: list[dict],
     return before, after
 
 
-def launch_command(nproc: int, sharding: str, config: Path, work: Path) -> list[str]:
-    """What `NPROC_PER_NODE=n xtuner train CONFIG --deepspeed deepspeed_zeroN` runs (xtuner's
-    entry_point: torchrun on tools/train.py with --launcher pytorch), here as this python's
-    torch.distributed.run on xtuner.tools.train through stages.shims, so that the shims reach every
-    process and a failure is a non-zero exit (the xtuner CLI exits 0 when its command fails)."""
-    deepspeed = ["--deepspeed", f"deepspeed_{sharding}"] if sharding.startswith("zero") else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "stages.shims", "xtuner.tools.train", str(config), "--work-dir", str(work), *deepspeed,
-            "--launcher", "pytorch"]
-
-
-def run_xtuner_train(nproc: int, sharding: str, config: Path, work: Path) -> None:
-    if nproc == 1 and sharding == "none":
-        run_tool("xtuner.tools.train", [str(config), "--work-dir", str(work)])
-        return
-    import subprocess
-
-    cmd = launch_command(nproc, sharding, config, work)
-    print(f"[train_xtuner] {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if subprocess.run(cmd, env=env).returncode:
-        raise StageError(f"xtuner.tools.train on {nproc} processes ({sharding}) failed; its log is above")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=Path, required=True)
@@ -524,6 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[train_xtuner] shims applied: {', '.join(applied) or 'none'}", flush=True)
     import torch
 
+    cuda = torch.cuda.is_available()
+    check_quantize(p, cuda)
+    p, use_varlen_attn, warning = resolve_packing(p, cuda)
+    if warning:
+        print(f"[train_xtuner] {warning}", flush=True)
+
     tokenizer = load_base_tokenizer(a.base)
     train_enc = encode(train_convs, tokenizer, p.max_length, a.train)
     if not train_enc:
@@ -533,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"{a.val}: no conversation has an assistant token within max_length={p.max_length}")
     nproc = process_count(p.devices, p.sharding, p.device)
     plan = plan_steps(p, train_enc, nproc)
-    use_amp = p.dtype == "bfloat16" and torch.cuda.is_available()
+    use_amp = p.dtype == "bfloat16" and cuda
     if p.dtype == "bfloat16" and not use_amp:
         print("[train_xtuner] note: dtype=bfloat16 on CPU: xtuner's LoRA path upcasts to fp32 and "
               "bf16 autocast needs a GPU, so this trains in fp32 on bf16-rounded base weights", flush=True)
@@ -557,13 +386,18 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(render_config(p, base=base, revision=revision, train_file=train_file, plan=plan,
                                      map_num_proc=map_num_proc, use_amp=use_amp,
                                      trust_remote_code=load["trust_remote_code"], resume=resume,
-                                     dist_backend="nccl" if torch.cuda.is_available() and p.device != "cpu" else "gloo"),
-                      encoding="utf-8")
+                                     use_varlen_attn=use_varlen_attn,
+                                     dist_backend="nccl" if cuda and p.device != "cpu" else "gloo"), encoding="utf-8")
     print(f"[train_xtuner] config: {config}; plan: {json.dumps(plan)}", flush=True)
 
     # train: xtuner writes <work>/<timestamp>/ (logs, vis_data) and <work>/iter_N.pth
     t0 = time.perf_counter()
-    run_xtuner_train(nproc, p.sharding, config, work)
+    deepspeed_json = None
+    zero = p.deepspeed if p.deepspeed != "none" else p.sharding if p.sharding.startswith("zero") else None
+    if zero:
+        deepspeed_json = work / INPUTS / f"deepspeed_{zero}.json"
+        write_json(deepspeed_json, deepspeed_config(p, cuda, zero))
+    run_xtuner_train(nproc, config, work, deepspeed_json)
     total_time = time.perf_counter() - t0
     log_dirs = sorted(d for d in work.iterdir() if d.is_dir() and LOG_DIR.fullmatch(d.name))
     if not log_dirs or not (work / "last_checkpoint").is_file():

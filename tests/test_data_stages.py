@@ -33,13 +33,13 @@ def test_demo_data_is_deterministic(workdir):
 def test_ingest_reads_every_row(pipeline):
     records = read_jsonl(pipeline / "data/ingested/records.jsonl")
     metrics = json.loads((pipeline / "metrics/ingest.json").read_text())
-    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row, one preference
-    # pair and one fact sheet (a text record for cpt) per drug; one exam question per drug; 30
-    # tool-calling conversations
+    # 60 drugs x 5 question types + 3 duplicated rows in the sheet; one ShareGPT row, two preference
+    # pairs (demo_data.preference_pairs) and one fact sheet (a text record for cpt) per drug; one exam
+    # question per drug; 30 tool-calling conversations
     assert metrics["rows_per_source"] == {"data/raw/demo_medication_qa.xlsx": 303, "data/raw/demo_pharmacist_chat.jsonl": 60,
-                                          "data/raw/demo_preferences.jsonl": 60, "data/raw/demo_drug_facts.txt": 60,
+                                          "data/raw/demo_preferences.jsonl": 120, "data/raw/demo_drug_facts.txt": 60,
                                           "data/raw/demo_drug_exam.txt": 60, "data/raw/demo_tool_calls.jsonl": 30}
-    assert len(records) == 573
+    assert len(records) == 633
     assert sum("mcq" in r for r in records) == 60 and sum("tools" in r for r in records) == 30
     sheet_row = records[0]
     assert sheet_row["source"] == {"file": "data/raw/demo_medication_qa.xlsx", "row": 2}
@@ -54,11 +54,11 @@ def test_clean_accounts_for_every_row(pipeline):
     # dpo is off and params.yaml has clean.preference: reject, so the demo's pairs are rejected;
     # the near-duplicate: two exam questions on drugs with similar names and the same options
     assert metrics["rejected_by_reason"] == {"duplicate": 3, "empty_turn": 1, "near_duplicate": 1, "placeholder_answer": 4,
-                                             "preference_without_dpo": 60}
-    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 573
+                                             "preference_without_dpo": 120}
+    assert metrics["rows_in"] == metrics["rows_kept"] + metrics["rows_rejected"] == 633
     kept = read_jsonl(pipeline / "data/cleaned/records.jsonl")
     rejected = read_jsonl(pipeline / "data/cleaned/rejected.jsonl")
-    assert len(kept) == 504 and len(rejected) == 69
+    assert len(kept) == 504 and len(rejected) == 129
     assert sum("mcq" in r for r in kept) == 59  # passed through with their options and answer
     assert all(r["reason"] for r in rejected)
     assert len({r["id"] for r in kept}) == len(kept)

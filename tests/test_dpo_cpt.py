@@ -3,6 +3,7 @@ DPO raising the held-out preference accuracy on a tiny model, CPT changing the w
 from, and the DVC chain base -> cpt -> train -> dpo -> merge."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -146,3 +147,31 @@ def test_dvc_chain_runs_cpt_train_dpo_merge_in_order(tmp_path):
         graph.add(b, a)
     order = [s for s in graph.static_order() if s in ("base", "cpt", "train", "dpo", "merge")]
     assert order == ["base", "cpt", "train", "dpo", "merge"]
+
+
+@pytest.mark.xfail(strict=False, reason="issue 14: on the demo, held-out preference accuracy does not rise "
+                   "reliably yet (12 held-out pairs on the full demo SFT adapter: 0.75 -> 0.75 with the dpo "
+                   "defaults; 0.0 -> 0.0 for a safety-note variant at lr 2e-3; 0.50 -> 0.67 on 6 pairs once)")
+def test_demo_chain_with_cpt_and_dpo_raises_held_out_preference_accuracy(tmp_path):
+    """The demo itself, as `dvc exp run -S cpt.enabled=true -S dpo.enabled=true` runs it (the tests'
+    fast base and SFT, the repo's cpt and dpo sections): demo_data's preference pairs, held out by
+    split, are preferred more often after DPO than by the SFT model, and the metrics say how."""
+    write_params(tmp_path, {"cpt": {"enabled": True}, "dpo": {"enabled": True}})
+    for stage in ("demo_data", "ingest", "clean", "split", "base", "cpt", "train", "dpo"):
+        run_stage(tmp_path, stage)
+    cpt = json.loads((tmp_path / "metrics/cpt.json").read_text())
+    assert cpt["enabled"] and cpt["documents"] == 60 and cpt["loss_final"] < cpt["loss_first"]
+    m = json.loads((tmp_path / "metrics/dpo.json").read_text())
+    # 120 demo pairs: one dropped by clean as a near-duplicate, a tenth of the prompts held out
+    assert (m["train_pairs"], m["test_pairs"]) == (107, 12)
+    assert m["test_preference_accuracy_after"] > m["test_preference_accuracy_before"], m
+    with open(tmp_path / "plots/dpo_steps.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert len(curve) == m["steps"] and {"reward_accuracy", "reward_margin"} <= set(curve[0])
+    # DPO's implicit reward separates the train pairs more by the last epoch than in the first
+    by_epoch = {}
+    for row in curve:
+        by_epoch.setdefault(row["epoch"], []).append(float(row["reward_margin"]))
+    first, last = by_epoch[curve[0]["epoch"]], by_epoch[curve[-1]["epoch"]]
+    assert sum(last) / len(last) > sum(first) / len(first), by_epoch
+    assert {"reward_accuracy_final", "reward_margin_final"} <= set(m)
