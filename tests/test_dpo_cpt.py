@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import math
 import shutil
 import subprocess
@@ -149,9 +150,9 @@ def test_dvc_chain_runs_cpt_train_dpo_merge_in_order(tmp_path):
     assert order == ["base", "cpt", "train", "dpo", "merge"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14: on the demo, held-out preference accuracy does not rise "
-                   "reliably yet (12 held-out pairs on the full demo SFT adapter: 0.75 -> 0.75 with the dpo "
-                   "defaults; 0.0 -> 0.0 for a safety-note variant at lr 2e-3; 0.50 -> 0.67 on 6 pairs once)")
+@pytest.mark.skipif(os.environ.get("TUNEPIPE_SLOW") != "1", reason="issue 14, open: fails today (held-out "
+                    "preference accuracy does not rise on the demo: 12 held-out pairs 0.75 -> 0.75 with the dpo defaults); "
+                    "a long run, TUNEPIPE_SLOW=1 runs it")
 def test_demo_chain_with_cpt_and_dpo_raises_held_out_preference_accuracy(tmp_path):
     """The demo itself, as `dvc exp run -S cpt.enabled=true -S dpo.enabled=true` runs it (the tests'
     fast base and SFT, the repo's cpt and dpo sections): demo_data's preference pairs, held out by
