@@ -1,4 +1,5 @@
-"""Shared fixtures: a small copy of the pipeline run in a temporary folder, stage by stage."""
+"""Shared fixtures: a small copy of the pipeline run in a temporary folder, stage by stage, and one
+`dvc repro` of the whole chain in a fresh git checkout (full_run) that several test files read."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,11 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
 import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -68,6 +73,83 @@ def pipeline(tmp_path_factory) -> Path:
     for stage in ["demo_data", "ingest", "clean", "split", "base", "cpt", "train", "dpo", "merge"]:
         run_stage(folder, stage)
     return folder
+
+
+ENVS = ["core", "xtuner", "lmdeploy", "opencompass"]
+# On top of FAST_PARAMS for the `dvc repro` checkouts (turbomind runs three times in them): AWQ calibrated
+# on fewer, shorter blocks, the same code path. Eval keeps every test row: register's gate (quantized
+# within 3 points of merged, per set) must pass for upload to publish, and one mcq row of 12 is 8 points.
+CHECKOUT_PARAMS = {"turbomind": {"calib_samples": 8, "calib_seqlen": 128}}
+CANARY = "tpcanary-" + uuid.uuid4().hex  # made per session: no file copied into a run can contain it
+JUDGE_KEY_ENV = "TUNEPIPE_JUDGE_API_KEY"  # params.yaml clean.judge.api_key_env
+
+
+def sh(cwd: Path, *cmd: str, env=None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def make_checkout(root: Path, changes: dict | None = None, env_changes: dict | None = None) -> tuple[Path, dict, str]:
+    """A fresh git checkout of the repo's files at `root`, FAST_PARAMS + CHECKOUT_PARAMS (+ changes), after `dvc repro`
+    with os.environ (+ env_changes). Returns (root, the environment it ran in, what dvc repro printed)."""
+    missing = [e for e in ENVS if not (REPO / ".venvs" / e / "bin/python").exists()]
+    if missing:
+        pytest.skip(f"environments missing: {missing}; run ./setup.sh")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "registry/", "upload/")) and rel != "dvc.lock":
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    (root / ".venvs").symlink_to(REPO / ".venvs")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    deep_update(params, FAST_PARAMS)
+    deep_update(params, CHECKOUT_PARAMS)
+    deep_update(params, changes or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, **(env_changes or {}), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    sh(root, "git", "init", "-q")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh checkout")
+    first = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
+    return root, env, first
+
+
+class JudgeStub(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that scores every answer 8 and remembers the keys sent."""
+    keys: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        JudgeStub.keys.append(self.headers.get("Authorization", ""))
+        body = json.dumps({"choices": [{"message": {"content": "8"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """(root, env, printed): the whole chain by `dvc repro` in a fresh git checkout, FAST_PARAMS, run once
+    per session for tests/test_pipeline_e2e.py and tests/test_secrets.py (a full run costs minutes).
+    It runs as test_secrets needs: the LLM judge enabled against a local stub (it scores every row 8,
+    above min_score, so the data are those of a judge-less run) and CANARY in HF_TOKEN and the judge's
+    key variable, in `env` too, so every later `dvc repro`/`dvc exp run` on it carries the canary."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    judge = {"enabled": True, "model": "stub-judge", "url": f"http://127.0.0.1:{server.server_port}/v1",
+             "api_key_env": JUDGE_KEY_ENV, "max_workers": 2}
+    try:  # the stub stays up for the session: a rerun of clean would ask it again
+        yield make_checkout(tmp_path_factory.mktemp("full_run"), {"clean": {"judge": judge}},
+                            {"HF_TOKEN": CANARY, JUDGE_KEY_ENV: CANARY})
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture

@@ -1,56 +1,24 @@
 """End to end, as a user runs it: `dvc repro` in a fresh git checkout, then an experiment.
 
-Slow (a few minutes): every stage in its real environment, with FAST_PARAMS.
+Slow (a few minutes): every stage in its real environment, with FAST_PARAMS. The checkout is the
+session's full_run (tests/conftest.py), the LLM judge on against a local stub, shared with test_secrets.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import FAST_PARAMS, REPO, deep_update
-
-ENVS = ["core", "xtuner", "lmdeploy", "opencompass"]
-
-
-def sh(cwd: Path, *cmd: str, env=None) -> str:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def make_checkout(root: Path, changes: dict | None = None) -> tuple[Path, dict, str]:
-    """A fresh git checkout of the repo's files at `root`, FAST_PARAMS (+ changes), after `dvc repro`."""
-    missing = [e for e in ENVS if not (REPO / ".venvs" / e / "bin/python").exists()]
-    if missing:
-        pytest.skip(f"environments missing: {missing}; run ./setup.sh")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "registry/", "upload/")) and rel != "dvc.lock":
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    (root / ".venvs").symlink_to(REPO / ".venvs")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    deep_update(params, FAST_PARAMS)
-    deep_update(params, changes or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh checkout")
-    first = sh(root, ".venvs/core/bin/dvc", "repro", env=env)
-    return root, env, first
+from conftest import make_checkout, sh
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory):
-    return make_checkout(tmp_path_factory.mktemp("checkout"))
+def checkout(full_run):
+    """The session's shared full run (tests/conftest.py full_run; test_secrets reads it too). The tests
+    below run in file order: the first sees it as `dvc repro` left it; the experiment and the eval
+    param tests then change it."""
+    return full_run
 
 
 def test_repro_runs_every_stage_then_nothing(checkout):
