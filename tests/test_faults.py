@@ -28,8 +28,8 @@ from conftest import FAST_PARAMS, REPO, deep_update
 
 MODE = os.environ.get("TUNEPIPE_FAULTS", "short")
 SEED = int(os.environ.get("TUNEPIPE_FAULTS_SEED", "0"))
-ALL_STAGES = ["demo_data", "ingest", "clean", "split", "base", "train", "merge", "turbomind", "eval", "register",
-              "review", "upload"]
+ALL_STAGES = ["demo_data", "ingest", "clean", "split", "base", "cpt", "train", "dpo", "merge", "turbomind", "eval",
+              "register", "review", "upload"]
 PLAN = {"short": {"stages": ["ingest", "clean", "split", "base"], "moments": 1},
         "long": {"stages": ALL_STAGES, "moments": 5}}
 TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-")  # stages/common.py atomic_path's temporaries
@@ -235,5 +235,6 @@ def test_killed_stages_recover(tmp_path):
             check_models_load(root)
             survived += 1
             trials.append(f"{stage}@{share:.2f}{'(no run-cache)' if no_run_cache else ''}")
+            print(f"faults: {survived} survived, last {trials[-1]}", flush=True)  # progress of a long run (-s)
     print(f"\nfaults ({MODE}, seed {SEED}): {survived} kills survived: {', '.join(trials)}")
     assert survived == len(plan["stages"]) * plan["moments"]
