@@ -18,7 +18,9 @@ What xtuner sees, per conversation: token ids and labels made by the pipeline it
 model's chat template (stages/chat_template.py, the hf backend's tokenization), written to
 <work-dir>/inputs/train.jsonl; the config has xtuner's process_hf_dataset take them as they are
 (no map function, no xtuner prompt template, no second tokenization): the loss is on the assistant
-turns and their end-of-turn token, for every model family the pipeline supports.
+turns and their end-of-turn token, for every model family the pipeline supports. Tool-calling
+conversations too: the tools offered, the calls (trained) and the tool results (not trained) are
+rendered by the template as in the hf backend (stages/chat_template.py, `render_chat`).
 
 How params map onto xtuner:
 - batch_size: conversations per optimizer step on one process (xtuner `batch_size`, no gradient
@@ -81,14 +83,16 @@ from stages.xtuner_config import (CONFIG_NAME, check_quantize, deepspeed_config,
 INPUTS = "inputs"
 FINGERPRINT = "fingerprint.json"  # what the run in the work dir is made from (stages/checkpoints.py)
 LOG_DIR = re.compile(r"\d{8}_\d{6}")  # mmengine's per-launch log folder
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def load_conversations(path: Path) -> list[list[dict]]:
-    """The messages of each canonical record, checked."""
+def load_conversations(path: Path) -> list[dict]:
+    """{"messages", "tools"} of each canonical record, checked. Tool calls (an assistant's
+    "tool_calls") and tool results (role "tool") are kept: encode renders them, and the tools
+    offered, with the base model's chat template as the hf backend does."""
     if not path.is_file():
         raise StageError(f"{path}: file not found")
     try:
@@ -105,13 +109,13 @@ def load_conversations(path: Path) -> list[list[dict]]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise StageError(
-                    f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}} "
-                    f"(the xtuner backend has no tool turns), got {json.dumps(m, ensure_ascii=False)[:120]}"
+                    f"{where}: messages[{i}] must be {{role: system|user|assistant|tool, content: str}}, "
+                    f"got {json.dumps(m, ensure_ascii=False)[:120]}"
                 )
-            clean.append({"role": m["role"], "content": m["content"]})
+            clean.append({k: m[k] for k in ("role", "content", "tool_calls") if k in m})
         if not any(m["role"] == "assistant" for m in clean):
             raise StageError(f"{where}: no assistant message, nothing to train on")
-        conversations.append(clean)
+        conversations.append({"messages": clean, "tools": rec.get("tools")})
     return conversations
 
 
@@ -124,7 +128,7 @@ def write_tokenized_jsonl(path: Path, encoded: list[dict]) -> None:
             f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
 
 
-def encode(conversations: list[list[dict]], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
+def encode(conversations: list[dict], tokenizer, max_length: int, source: Path | None = None) -> list[dict]:
     """Token ids and labels of each conversation with the base model's chat template (the hf
     backend's own tokenization); conversations with no answer token within max_length are dropped."""
     try:
@@ -132,9 +136,9 @@ def encode(conversations: list[list[dict]], tokenizer, max_length: int, source: 
     except TemplateError as e:
         raise StageError(f"base tokenizer: {e}") from None
     out = []
-    for n, messages in enumerate(conversations, start=1):
+    for n, conversation in enumerate(conversations, start=1):
         try:
-            enc = tokenize_conversation(tokenizer, messages, max_length, stop_id)
+            enc = tokenize_conversation(tokenizer, conversation["messages"], max_length, stop_id, conversation["tools"])
         except TemplateError as e:
             raise StageError(f"{source or 'conversations'}: record {n}: {e}") from None
         if any(label >= 0 for label in enc["labels"]):

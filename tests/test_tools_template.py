@@ -234,14 +234,13 @@ def test_chat_prompt_renders_the_tools(tokenizers):
     assert "<tools>" in prompt and prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_demo_tool_rows_are_held_out_and_eval_prompts_carry_the_tools(workdir):
+def test_demo_tool_rows_are_held_out_and_eval_prompts_carry_the_tools(pipeline):
     """The demo chain: its tool-calling file is held out of training (split.held_out), so train and
     val have no tools; eval's tool-call set gets the demo model's (ChatML) rendering of the tools."""
     from stages.common import load_base_tokenizer, load_params
     from stages.eval import EvalParams, test_sets
 
-    for stage in ("demo_data", "ingest", "clean", "split", "base"):
-        run_stage(workdir, stage)
+    workdir = pipeline  # the session's demo chain (read only)
     split = workdir / "data/split"
     assert not any(r.get("tools") for name in ("train", "val") for r in read_jsonl(split / f"{name}.jsonl"))
     test = [r for r in read_jsonl(split / "test.jsonl") if r.get("tools")]
