@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def run_stage(root: Path, stage: str, kill_after: float | None = None, force: bo
     """`dvc repro [--force] --single-item stage`; SIGKILL the stage's process kill_after seconds after it
     started. Returns (how long the stage's process lived, whether it was killed)."""
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
-    dvc_run = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while polling, and a full pipe
+    dvc_run = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)  # blocks eval
     pid, started, killed = None, None, False
     while dvc_run.poll() is None:
         if pid is None:
@@ -107,7 +109,10 @@ def run_stage(root: Path, stage: str, kill_after: float | None = None, force: bo
         elif not Path(f"/proc/{pid}").exists():
             break
         time.sleep(0.01)
-    output = dvc_run.communicate(timeout=3600)[0]
+    dvc_run.wait(timeout=3600)
+    log.seek(0)
+    output = log.read()
+    log.close()
     lived = time.monotonic() - started if started else 0.0
     if not killed:
         assert dvc_run.returncode == 0, f"dvc repro {stage} failed unkilled:\n{output[-3000:]}"
