@@ -92,8 +92,9 @@ def run_stage(root: Path, stage: str, kill_after: float | None = None, force: bo
     """`dvc repro [--force] --single-item stage`; SIGKILL the stage's process kill_after seconds after it
     started. Returns (how long the stage's process lived, whether it was killed)."""
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
-    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while polling, and a full pipe
-    dvc_run = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)  # blocks eval
+    # a file, not a pipe: nothing reads it while this polls, and a full pipe would block the stage
+    log = tempfile.TemporaryFile(mode="w+")
+    dvc_run = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)
     pid, started, killed = None, None, False
     while dvc_run.poll() is None:
         if pid is None:
