@@ -293,8 +293,9 @@ def prepare_models(args, p: EvalParams, tmp: Path, device: str,
             artifact = Path(args.turbomind)
             if not artifact.exists():
                 raise StageError(f"{artifact}: TurboMind artifact not found (run the turbomind stage)")
-            if eval_served.use_server(p.quantized_via):
-                served = servers.enter_context(eval_served.quantized_server(artifact))
+            backend = eval_served.server_backend(p.quantized_via)
+            if backend:
+                served = servers.enter_context(eval_served.quantized_server(artifact, backend))
                 models.append({**served, "tokenizer_path": str(tokenizer_dir(args.base))})
                 notes[served["abbr"]] = eval_served.note(served)
                 continue
@@ -362,10 +363,13 @@ def main() -> None:
         ranked = [m for m in models if "api" not in m]   # ppl needs logits: API models are left out
         stops, pad = stop_words(args.base)
         ppl = p.mcq.name if p.mcq.mode == "ppl" and p.mcq.name in sets else None
-        if ppl and not ranked:
-            notes["not_scored"] = {ppl: "mcq ppl needs logits and every model here is served (eval.mcq.mode gen)"}
-            sets.pop(ppl)
-            ppl = None
+        api_models = [m["abbr"] for m in models if "api" in m]
+        if ppl and api_models:
+            notes["not_scored"] = {ppl: {a: "mcq ppl needs logits; an API model has none (eval.mcq.mode gen scores it)"
+                                         for a in api_models}}
+            if not ranked:
+                sets.pop(ppl)
+                ppl = None
         chat_entries = {name: eval_sets.chat_entry(name, p.max_new_tokens) if kind == "generative"
                         else eval_sets.tool_entry(p.tool_calls) if kind == "tool_calls"
                         else eval_sets.mcq_gen_entry(p.mcq, rows)
@@ -386,9 +390,6 @@ def main() -> None:
             scored = [m["abbr"] for m in ranked] if name == ppl else abbrs
             metrics[name] = read_summary(run_dir, name, scored)
             predictions += read_predictions(run_dir, name, scored, rows, kind)
-            if name == ppl and len(scored) < len(abbrs):
-                notes.setdefault("not_scored", {})[name] = {a: "mcq ppl needs logits; an API model has none (eval.mcq.mode gen scores it)"
-                                                           for a in abbrs if a not in scored}
         for name, dataset_abbrs in named_abbrs.items():
             metrics[name] = read_summary(runs[CONFIG_NAME], dataset_abbrs, abbrs)
         metrics.update({name: {"skipped": reason} for name, reason in skipped.items()})

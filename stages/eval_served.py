@@ -46,33 +46,35 @@ API_ENTRY = '''
     ),'''
 
 
-def use_server(setting: str) -> bool:
-    if setting != "auto":
-        return setting == "server"
-    return serve.pick_backend("auto")[0] == "lmdeploy"
+def server_backend(setting: str) -> str | None:
+    """The backend `tunepipe serve` runs the artifact with for eval.quantized_via `setting`, or None
+    for the dequantized fallback. Picked once here and passed to the server, so the label is its choice."""
+    if setting == "dequantized":
+        return None
+    backend = serve.pick_backend("auto")[0]
+    return backend if setting == "server" or backend == "lmdeploy" else None
 
 
-def serve_command(artifact: Path, port: int) -> list[str]:
+def serve_command(artifact: Path, port: int, backend: str) -> list[str]:
     """`tunepipe serve ARTIFACT` (as `python -m stages.serve`, without the other commands' imports),
     in the environment that has its server (core; on a machine without .venvs, as the GPU
     benchmark runs, this interpreter)."""
     python = str(CORE_PYTHON) if CORE_PYTHON.exists() else sys.executable
     return [python, "-m", "stages.serve", str(artifact.resolve()), "--host", "127.0.0.1", "--port", str(port),
-            "--model-name", SERVED_NAME]
+            "--model-name", SERVED_NAME, "--backend", backend]
 
 
 @contextlib.contextmanager
-def quantized_server(artifact: Path) -> Iterator[dict]:
-    """Start `tunepipe serve ARTIFACT`, wait until it lists the model, yield the model entry for
-    the OpenCompass config (abbr, api, port, backend), stop the server (its process group) on exit."""
-    backend = serve.pick_backend("auto")[0]   # the choice `tunepipe serve` makes with --backend auto
+def quantized_server(artifact: Path, backend: str) -> Iterator[dict]:
+    """Start `tunepipe serve ARTIFACT --backend BACKEND`, wait until it lists the model, yield the model
+    entry for the OpenCompass config (abbr, api, port, backend), stop the server (its process group) on exit."""
     port = serve.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     with tempfile.TemporaryDirectory(prefix="tunepipe-eval-serve-") as logs:
         log = Path(logs) / "server.log"
         repo = str(Path(__file__).resolve().parents[1])
         with open(log, "wb") as sink:
-            proc = subprocess.Popen(serve_command(artifact, port), cwd=repo, stdout=sink, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(serve_command(artifact, port, backend), cwd=repo, stdout=sink, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             print(f"eval: serving {artifact} with {backend} at {base_url}", flush=True)

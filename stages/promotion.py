@@ -113,8 +113,7 @@ def no_large_drop(new: list[Score], champion: list[Score] | None, gate: GatePara
 
 
 def quantized_abbr(scores: list[Score], gate: GateParams) -> str:
-    evaluated = {name.rpartition(".")[0].rpartition(".")[2] for name, _ in scores}
-    return next((abbr for abbr in gate.quantized if abbr in evaluated), gate.quantized[0])
+    return next((abbr for abbr in gate.quantized if by_model(scores, abbr)), gate.quantized[0])
 
 
 def quantized_gap(new: list[Score], gate: GateParams) -> Outcome:
