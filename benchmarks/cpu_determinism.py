@@ -48,6 +48,12 @@ CONFIGS = {
     "pin, onednn isa<=AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     "pin, threads=1": {"OMP_NUM_THREADS": "1"},
     "pin, threads=4": {"OMP_NUM_THREADS": "4"},
+    "pin, mkl_cbwr=COMPATIBLE,STRICT": {"MKL_CBWR": "COMPATIBLE,STRICT"},
+    "pin, mkl_cbwr=AVX2": {"MKL_CBWR": "AVX2"},
+    "pin, mkl_cbwr=AVX2,STRICT": {"MKL_CBWR": "AVX2,STRICT"},
+    "pin, aten=default": {"ATEN_CPU_CAPABILITY": "default"},
+    "pin, onednn isa<=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "pin, mkl threads=1": {"MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "2"},
 }
 PROBE = ("import stages, torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
          "__import__('os').environ.get('MKL_CBWR'))")

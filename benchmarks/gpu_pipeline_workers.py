@@ -43,6 +43,11 @@ def worker_write_model(spec: dict) -> dict:
         bos_token_id=None, eos_token_id=ids(family.eos), pad_token_id=ids(family.pad))
     with dev:  # random init on the GPU: seconds instead of minutes on the CPU
         model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16)
+        # The rows of ids no token maps to are zeros, as real checkpoints' unused rows are near zero: random rows
+        # there make greedy decoding emit ids the tokenizer decodes to nothing, and an OpenAI-compatible server
+        # then answers without content, which OpenCompass's API model fails the whole eval on.
+        for weights in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            weights.data[len(tokenizer):] = 0
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=[ids(family.stop), ids(family.pad)], pad_token_id=ids(family.pad), do_sample=False)
     model.save_pretrained(out, safe_serialization=True)

@@ -16,7 +16,11 @@ from stages.train import IGNORE, collate, tokenize_conversation
 
 # Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end
 # and the CPU math pinned (stages/common.py pin_cpu_math), so every x86-64 machine gets these bits.
-EXPECTED_TRAIN_LOSS_FINAL = 2.364463
+# Under the CPU math pin (stages/common.py) every run on one processor type gives the same bits, but two types
+# still differ in the last digit: 2.364463 on AMD EPYC (Zen 4), 2.364464 on Intel Xeon (Sapphire Rapids)
+# (benchmarks/results/cpu_determinism_2cpu_*.json). Unpinned, the same code spreads over 2.364292..2.364477,
+# so a tolerance of 1.5e-6 around their middle still fails when the pin is lost.
+EXPECTED_TRAIN_LOSS_FINAL = 2.3644635
 
 
 def test_base_model_has_the_chat_template_and_stop_token(pipeline):
@@ -62,7 +66,7 @@ def test_packed_loss_equals_unpacked_loss(pipeline):
 def test_train_is_seeded_and_learns(pipeline):
     metrics = json.loads((pipeline / "metrics/train.json").read_text())
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 1.0
-    assert metrics["train_loss_final"] == EXPECTED_TRAIN_LOSS_FINAL
+    assert metrics["train_loss_final"] == pytest.approx(EXPECTED_TRAIN_LOSS_FINAL, abs=1.5e-6)
     curve = (pipeline / "plots/train_loss.csv").read_text().splitlines()
     assert curve[0] == "step,epoch,loss" and len(curve) - 1 == metrics["steps"]
 
