@@ -65,6 +65,18 @@ def run_stage(folder: Path, name: str, *args: str) -> None:
         sys.argv = argv
 
 
+SHARED_FIXTURES = ("full_run", "pipeline")  # session fixtures that cost minutes: built once, not once per worker
+
+
+def pytest_collection_modifyitems(items):
+    """Under `-n 2 --dist loadgroup` (README's test command) the tests of one costly session fixture run on
+    one worker, so that each fixture is built once; the other tests spread over both."""
+    for item in items:
+        shared = next((name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())), None)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared))
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
     """demo_data -> ingest -> clean -> split -> base -> cpt -> train -> dpo -> merge, with FAST_PARAMS (cpt, dpo off)."""
