@@ -5,6 +5,7 @@ and grouped so that split never puts one group on both sides. Conflicts: the sam
 different answers, always reported."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Literal
 
 import numba
@@ -14,6 +15,11 @@ import pyarrow as pa
 
 from stages.common import Params
 from stages.records import prompt_key
+
+# numba's own thread pool, not its OpenMP layer (its default here): the OpenMP layer shares the process's
+# OpenMP runtime with torch and changes the bits of torch's CPU math run later in the same process (clean
+# then base in one process gave another base model than in two). A value in NUMBA_THREADING_LAYER wins.
+numba.config.THREADING_LAYER = os.environ.get("NUMBA_THREADING_LAYER", "workqueue")
 
 
 class NearDuplicates(Params):

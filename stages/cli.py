@@ -19,10 +19,11 @@ only with --judge.
 Exit status: 0 when every file could be read, 1 when one could not (its error says file, row and
 column).
 
-  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR]
+  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR] [--rerun [STAGE]]
 
 checks that a registered model version rebuilds from its git commit, its MLflow run and the DVC
-remote (stages/reproduce.py); exit status 0 when every hash matches.
+remote (stages/reproduce.py); exit status 0 when every hash matches. --rerun reruns the pipeline
+there up to STAGE (default eval) and compares every rewritten out's hash and every score.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """reproduce: can a registered model version be rebuilt from git, its MLflow run and the DVC remote?
 
-  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR]
+  tunepipe reproduce MODEL@ALIAS | MODEL/VERSION [--into DIR] [--rerun [STAGE]]
 
 Run it in a checkout of the project. The tracking store is MLFLOW_TRACKING_URI, else
 register.tracking_uri of ./params.yaml. register tagged the version with the git commit it ran at
@@ -15,6 +15,13 @@ register.tracking_uri of ./params.yaml. register tagged the version with the git
    after the hashes were taken), and that every out's md5 in dvc.lock and of its pulled files
    equals the version's tag.
 It prints the verdict in one line, naming every out that differs; exit status 0 when reproducible.
+5. with --rerun: `dvc repro --force STAGE` (default eval: the whole chain up to the scores) in the
+   worktree, with this checkout's environments (.venvs linked there), then compares the md5 of every
+   out the rerun rewrote with the version's tag (a metrics file: its content apart from MEASURED, the
+   timings and memory of the run) and, when eval reran, every score with the registered
+   metrics/eval.json: a second verdict line, exit status 0 only when all are equal. CPU runs repeat
+   bit for bit on one processor type (README: CPU math pin); a GPU run, or another processor, gives
+   other bits, and the line names each out and score that moved.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import yaml
 from stages.common import StageError
 from stages.dvc_hashes import dvc_md5
 
+MEASURED = {"runtime_s", "tokens_per_s", "peak_memory_mb", "resumed_from_step"}  # of the run, not its result
 AFTER_REGISTER = ("register", "review", "upload")  # their outs (record, report, receipt) come after the version's hashes
 LOGGED = ["dvc.lock", "params.yaml", "metrics", "plots"]  # run artifacts put into the worktree
 
@@ -39,6 +47,8 @@ LOGGED = ["dvc.lock", "params.yaml", "metrics", "plots"]  # run artifacts put in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="MODEL@ALIAS|MODEL/VERSION", help="e.g. tunepipe-demo@champion or tunepipe-demo/3")
     parser.add_argument("--into", type=Path, default=None, help="folder for the git worktree (default: a new temporary one)")
+    parser.add_argument("--rerun", nargs="?", const="eval", default=None, metavar="STAGE",
+                        help="then rerun the pipeline there up to STAGE (default eval) and compare hashes and scores")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
@@ -210,6 +220,59 @@ def reproduce(args: argparse.Namespace) -> int:
     problems = hash_mismatches(folder, hashes) + pipeline_changes(folder, dvc)
     if problems:
         print(f"NOT reproducible: {label}: {'; '.join(problems)}")
-        return 1
-    print(f"reproducible: {label}: every hash matches ({len(hashes)} outs) and dvc status finds nothing to rerun")
-    return 0
+    else:
+        print(f"reproducible: {label}: every hash matches ({len(hashes)} outs) and dvc status finds nothing to rerun")
+    if args.rerun is None:
+        return 1 if problems else 0
+    return 1 if rerun(folder, dvc, args.rerun, hashes, label) or problems else 0
+
+
+def rerun(folder: Path, dvc: str, stage: str, hashes: dict[str, str], label: str) -> list[str]:
+    """`dvc repro --force STAGE` in the worktree; what differs from the registered version (printed)."""
+    registered_scores = flat_scores(folder / "metrics/eval.json")
+    registered_metrics = {f"metrics/{f.name}": f.read_text() for f in sorted((folder / "metrics").glob("*.json"))}
+    venvs = folder / ".venvs"
+    if not venvs.exists() and Path(".venvs").is_dir():  # dvc.yaml's commands run .venvs/<env>/bin/python
+        venvs.symlink_to(Path(".venvs").resolve(), target_is_directory=True)
+    dag = run([dvc, "dag", "--dot", stage], folder)
+    if dag.returncode != 0:
+        raise StageError(f"dvc dag {stage}: {last_line(dag)}")
+    stages = {line.strip().rstrip(";").strip('"') for line in dag.stdout.splitlines()
+              if line.strip().startswith('"') and "->" not in line}  # the dot's node lines: "name";
+    print(f"reproduce: dvc repro --force {stage} ({len(stages)} stages) in {folder}", flush=True)
+    if subprocess.run([dvc, "repro", "--force", stage], cwd=folder).returncode != 0:
+        raise StageError(f"dvc repro --force {stage} failed in {folder}: its output is above")
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]
+    rewritten = {o["path"]: o.get("md5", "") for name in stages for o in (lock.get(name) or {}).get("outs", [])}
+    differ = [f"{path} (registered {hashes.get(path, 'nothing')}, rerun {md5})" for path, md5 in sorted(rewritten.items())
+              if hashes.get(path) != md5 and not same_results(registered_metrics.get(path), folder / path)]
+    if "eval" in stages and registered_scores:
+        scores = flat_scores(folder / "metrics/eval.json")
+        differ += [f"{key} {registered_scores.get(key)} -> {scores.get(key)}"
+                   for key in sorted(set(registered_scores) | set(scores)) if registered_scores.get(key) != scores.get(key)]
+    what = f"{len(rewritten)} outs" + (f", {len(registered_scores)} scores" if "eval" in stages and registered_scores else "")
+    if differ:
+        print(f"rerun differs: {label} up to {stage}: {'; '.join(differ)}")
+    else:
+        print(f"rerun equal: {label} up to {stage}: every rerun out and score equals the registered one ({what})")
+    return differ
+
+
+def same_results(registered: str | None, rerun: Path) -> bool:
+    """A metrics JSON equal to the registered one but for MEASURED (timings, memory: never the same twice)."""
+    if registered is None or rerun.suffix != ".json" or not rerun.is_file():
+        return False
+    def results(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k not in MEASURED}
+    return results(json.loads(registered)) == results(json.loads(rerun.read_text()))
+
+
+def flat_scores(path: Path) -> dict[str, float]:
+    """{"set.metric.model": score} of an eval.json (nested dicts of numbers), {} when there is none."""
+    def walk(node, prefix: str):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            yield prefix[:-1], node
+    return dict(walk(json.loads(path.read_text()), "")) if path.exists() else {}

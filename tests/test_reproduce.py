@@ -57,9 +57,9 @@ def project_clone(pipeline: Path, root: Path) -> Path:
     return origin
 
 
-def reproduce(clone: Path, into: Path, uri: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", "reproduce", "tunepipe-demo@champion", "--into", str(into)],
-                          cwd=clone, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+def reproduce(clone: Path, into: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.cli", "reproduce", "tunepipe-demo@champion", "--into", str(into),
+                           *args], cwd=clone, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
 def test_a_pushed_version_reproduces_in_a_fresh_clone_and_a_changed_file_is_named(pipeline, tmp_path, monkeypatch):
@@ -81,6 +81,18 @@ def test_a_pushed_version_reproduces_in_a_fresh_clone_and_a_changed_file_is_name
     verdict = result.stdout.strip().splitlines()[-1]
     assert verdict == f"reproducible: tunepipe-demo/1: every hash matches ({outs} outs) and dvc status finds nothing to rerun"
     assert dvc_md5(tmp_path / "check1/models/merged") == record["model_md5"]
+
+    # --rerun: the data stages, base and train run again there (CPU, one processor type): the same bits
+    (fresh / ".venvs").symlink_to(REPO / ".venvs", target_is_directory=True)
+    result = reproduce(fresh, tmp_path / "rerun", uri, "--rerun", "train")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running stage 'base'" in result.stdout and "Running stage 'train'" in result.stdout
+    rerun_outs = sum(len(yaml.safe_load(lock)["stages"][s]["outs"]) for s in UP_TO_EVAL[:7])
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert verdict == (f"rerun equal: tunepipe-demo/1 up to train: every rerun out and score equals the "
+                       f"registered one ({rerun_outs} outs)"), verdict
+    rerun_metrics = json.loads((tmp_path / "rerun/metrics/train.json").read_text())
+    assert rerun_metrics["train_loss_final"] == json.loads((origin / "metrics/train.json").read_text())["train_loss_final"]
 
     # the remote's copy of one data file changes: the next check names that out
     md5 = next(line.split()[-1] for line in lock.split("- path: data/raw/demo_drug_facts.txt")[1].splitlines()
