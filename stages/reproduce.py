@@ -247,9 +247,7 @@ def rerun(folder: Path, dvc: str, stage: str, hashes: dict[str, str], label: str
     differ = [f"{path} (registered {hashes.get(path, 'nothing')}, rerun {md5})" for path, md5 in sorted(rewritten.items())
               if hashes.get(path) != md5 and not same_results(registered_metrics.get(path), folder / path)]
     if "eval" in stages and registered_scores:
-        scores = flat_scores(folder / "metrics/eval.json")
-        differ += [f"{key} {registered_scores.get(key)} -> {scores.get(key)}"
-                   for key in sorted(set(registered_scores) | set(scores)) if registered_scores.get(key) != scores.get(key)]
+        differ += score_changes(registered_scores, flat_scores(folder / "metrics/eval.json"))
     what = f"{len(rewritten)} outs" + (f", {len(registered_scores)} scores" if "eval" in stages and registered_scores else "")
     if differ:
         print(f"rerun differs: {label} up to {stage}: {'; '.join(differ)}")
@@ -267,8 +265,14 @@ def same_results(registered: str | None, rerun: Path) -> bool:
     return results(json.loads(registered)) == results(json.loads(rerun.read_text()))
 
 
+def score_changes(registered: dict[str, float], rerun: dict[str, float]) -> list[str]:
+    """Every score that is not exactly the registered one, as "set.model.metric registered -> rerun"."""
+    return [f"{key} {registered.get(key)} -> {rerun.get(key)}"
+            for key in sorted(set(registered) | set(rerun)) if registered.get(key) != rerun.get(key)]
+
+
 def flat_scores(path: Path) -> dict[str, float]:
-    """{"set.metric.model": score} of an eval.json (nested dicts of numbers), {} when there is none."""
+    """{"set.model.metric": score} of an eval.json (nested dicts of numbers), {} when there is none."""
     def walk(node, prefix: str):
         if isinstance(node, dict):
             for key, value in node.items():

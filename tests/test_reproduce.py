@@ -104,3 +104,18 @@ def test_a_pushed_version_reproduces_in_a_fresh_clone_and_a_changed_file_is_name
     assert result.returncode == 1, result.stdout + result.stderr
     verdict = result.stdout.strip().splitlines()[-1]
     assert verdict.startswith("NOT reproducible: tunepipe-demo/1: data/raw/demo_drug_facts.txt: "), verdict
+
+
+def test_rerun_scores_compare_exactly_and_name_what_moved(tmp_path):
+    from stages.reproduce import flat_scores, score_changes
+
+    registered = tmp_path / "registered.json"
+    registered.write_text(json.dumps(scores(77.96, 77.52)))
+    flat = flat_scores(registered)
+    assert flat["demo_qa.merged.rougeL"] == 77.96 and flat["demo_qa.turbomind_w4a16_dequant.rougeL"] == 77.52
+    assert score_changes(flat, dict(flat)) == []
+    moved = dict(flat, **{"demo_qa.merged.rougeL": 77.95})
+    moved.pop("demo_qa.base.rougeL")
+    assert score_changes(flat, moved) == [f"demo_qa.base.rougeL {flat['demo_qa.base.rougeL']} -> None",
+                                          "demo_qa.merged.rougeL 77.96 -> 77.95"]
+    assert flat_scores(tmp_path / "none.json") == {}
