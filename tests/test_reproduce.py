@@ -84,8 +84,8 @@ def test_a_pushed_version_reproduces_in_a_fresh_clone_and_a_changed_file_is_name
 
     # --rerun: the data stages run again there and give the same bytes. Only up to split: the fixture's model
     # stages ran inside a pytest process, whose earlier tests can leave torch's CPU math in another state
-    # than `dvc repro`'s fresh processes have (seen under xdist: the same loss, another adapter); a rerun of
-    # train from a registered `dvc repro` run gave the same bits (closing note of session 10).
+    # than `dvc repro`'s fresh processes have (seen under xdist: the same loss, another adapter); this test
+    # run alone, with `--rerun train`, gave the same bits (closing note of session 10).
     (fresh / ".venvs").symlink_to(REPO / ".venvs", target_is_directory=True)
     result = reproduce(fresh, tmp_path / "rerun", uri, "--rerun", "split")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
