@@ -38,6 +38,7 @@ import yaml
 
 from stages.common import StageError
 from stages.dvc_hashes import dvc_md5
+from stages.promotion import eval_scores
 
 MEASURED = {"runtime_s", "tokens_per_s", "peak_memory_mb", "resumed_from_step"}  # of the run, not its result
 AFTER_REGISTER = ("register", "review", "upload")  # their outs (record, report, receipt) come after the version's hashes
@@ -272,11 +273,5 @@ def score_changes(registered: dict[str, float], rerun: dict[str, float]) -> list
 
 
 def flat_scores(path: Path) -> dict[str, float]:
-    """{"set.model.metric": score} of an eval.json (nested dicts of numbers), {} when there is none."""
-    def walk(node, prefix: str):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                yield from walk(value, f"{prefix}{key}.")
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            yield prefix[:-1], node
-    return dict(walk(json.loads(path.read_text()), "")) if path.exists() else {}
+    """{"set.model.metric": score} of an eval.json, {} when there is none."""
+    return dict(eval_scores(json.loads(path.read_text()))) if path.exists() else {}
