@@ -1,6 +1,6 @@
 """The OpenCompass config the eval stage writes (stages/eval.py step 3): one file a user can rerun
 as-is (`.venvs/opencompass/bin/opencompass eval/opencompass_config.py`), naming each model (an
-OpenCompass HuggingFace entry, or an OpenAISDK entry for a served one: stages/eval_served.py) and
+OpenCompass HuggingFace entry, or an OpenAI (API) entry for a served one: stages/eval_served.py) and
 each set's dataset entry (stages/eval_sets.py)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 - server: `tunepipe serve models/turbomind` (stages/serve.py: lmdeploy's PyTorch engine on the AWQ
   weights where CUDA and lmdeploy are; elsewhere transformers' server over the dequantized weights)
   runs on a free 127.0.0.1 port while OpenCompass scores it through the OpenAI-compatible API
-  (opencompass.models.OpenAISDK, temperature 0 = greedy), as users will query it. Scored as
+  (opencompass.models.OpenAI, temperature 0 = greedy), as users will query it. Scored as
   `turbomind_w4a16_served`; eval/summary.json's notes name the backend.
 - dequantized: the labelled CPU fallback, `turbomind_w4a16_dequant`: the W4A16 weights dequantized
   and run by transformers inside OpenCompass (stages/eval.py dequantize_awq).
@@ -30,7 +30,9 @@ CORE_PYTHON = Path(__file__).resolve().parents[1] / ".venvs" / "core" / "bin" / 
 API_ENTRY = '''
     dict(  # served by `tunepipe serve` while the eval stage ran ({backend}); rerunning this config by
            # hand needs `tunepipe serve models/turbomind --model-name {name} --port {port}` running
-        type='opencompass.models.OpenAISDK',
+        # OpenAI, not OpenAISDK: the SDK class raises on an answer with no content (a model that stops
+        # at once, or whose tokens decode to nothing), which failed the whole stage; this one scores it ''
+        type='opencompass.models.OpenAI',
         abbr={abbr!r},
         path={name!r},
         key='EMPTY',
@@ -79,7 +81,7 @@ def quantized_server(artifact: Path, backend: str) -> Iterator[dict]:
         try:
             print(f"eval: serving {artifact} with {backend} at {base_url}", flush=True)
             serve.wait_until_listed(proc, base_url, SERVED_NAME, 900 if backend == "lmdeploy" else 300, log)
-            yield {"abbr": SERVED_ABBR, "api": base_url + "/", "port": port, "backend": backend,
+            yield {"abbr": SERVED_ABBR, "api": base_url + "/chat/completions", "port": port, "backend": backend,
                    "path": SERVED_NAME}
         finally:
             serve.stop(proc)

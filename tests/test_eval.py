@@ -239,7 +239,7 @@ def test_quantized_model_scored_through_tunepipe_serve(evaluated, tmp_path):
     summary = json.loads((run / "eval/summary.json").read_text())
     assert summary["notes"]["turbomind_w4a16_served"]["served_by"] == "transformers"
     config = (run / "eval/opencompass_config.py").read_text()
-    assert "opencompass.models.OpenAISDK" in config and "turbomind_w4a16_dequant" not in config
+    assert "opencompass.models.OpenAI'" in config and "turbomind_w4a16_dequant" not in config
     served = {p["id"]: p["prediction"] for p in map(json.loads, (run / "eval/predictions.jsonl").read_text().splitlines())
               if p["model"] == "turbomind_w4a16_served"}
     fallback = {p["id"]: p["prediction"] for p in map(json.loads, (root / "eval/predictions.jsonl").read_text().splitlines())
@@ -392,3 +392,40 @@ def test_bad_test_row_is_reported(tmp_path):
     path.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(StageError, match=r"test.jsonl: row 1 \(id x\)"):
         eval_rows(path, 0)
+
+
+@needs_opencompass
+@needs_core
+def test_served_answer_without_content_scores_empty_instead_of_failing(tmp_path):
+    """A served model whose answer decodes to nothing (it stops at once, or emits ids its tokenizer
+    lacks: lmdeploy then sends `content: null`) is scored as an empty answer; OpenAISDK raised on it
+    and failed the whole eval stage (seen on the GPU). Builds the model class from the entry the stage
+    writes and queries a server that answers `content: null`."""
+    check = r'''
+import http.server, json, sys, threading
+from stages.eval_served import api_entry
+class NoContent(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"index": 0, "finish_reason": "length",
+                                        "message": {"role": "assistant", "content": None}}]}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoContent)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+port = server.server_address[1]
+entry = api_entry({"backend": "test", "path": "turbomind", "port": port, "abbr": "served",
+                   "api": f"http://127.0.0.1:{port}/v1/chat/completions"}, repr(sys.argv[1]), 256, 8, 1)
+from mmengine.config import ConfigDict
+from opencompass.utils import build_model_from_cfg  # as OpenCompass's inferencer builds it
+model = build_model_from_cfg(ConfigDict(eval(entry.strip().rstrip(","), {"dict": dict, "_chat_meta_template": None})))
+print(json.dumps(model.generate(["what is aspirin?"], max_out_len=8)))
+'''
+    from stages.base import save_portable_tokenizer, train_tokenizer
+
+    save_portable_tokenizer(train_tokenizer(["what is aspirin?"] * 4, 300), tmp_path / "tokenizer")
+    proc = subprocess.run([str(OC_PY), "-c", check, str(tmp_path / "tokenizer")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [""]
