@@ -8,7 +8,7 @@ A few hundred medication questions about invented drugs, in the shapes real team
   - an exam of multiple-choice questions on the same facts, as text blocks ("1. ... A. ... answer: B"),
   - tool-calling conversations (ShareGPT with tools): the pharmacist looks a fact up with a tool.
   - preference pairs (demo_preferences.jsonl, for the dpo stage; demo_data.preference_pairs a drug): a
-    question, the right fact as the chosen answer and another drug's fact, wrong for this one, as the rejected one.
+    quick question, the bare fact as the chosen answer and the full sentence SFT teaches as the rejected one.
 The drugs are fictional so nothing here can be mistaken for medical advice.
 """
 from __future__ import annotations
@@ -196,19 +196,23 @@ def tool_rows(rng: random.Random, drugs: list[dict]) -> list[dict]:
     return rows
 
 
+TERSE = {"usage": "{cond}.", "dose": "{mg} mg {freq}.", "side effects": "{se1} and {se2}.", "storage": "{storage}.",
+         "food": "{food}."}
+
+
 def preference_rows(rng: random.Random, drugs: list[dict], pairs_per_drug: int) -> list[dict]:
-    """pairs_per_drug pairs per drug, each on another question type: chosen states the drug's own fact,
-    rejected the same kind of fact of another drug (when that differs: a wrong answer that reads just as well)."""
+    """pairs_per_drug pairs per drug, each on another question type, asked as a quick question: chosen
+    gives just the fact ("twice daily."), rejected the full sentence SFT taught ("The usual adult dose of
+    ... is ... taken twice daily."). Both are right: the preference is a style (terse answers to quick
+    questions) that SFT's data never showed, decided where the answer starts, so it can carry over to
+    drugs no pair was about."""
     rows = []
     for drug in drugs:
         for qtype in rng.sample(["dose", "storage", "food", "usage"], pairs_per_drug):
             question, answer = QUESTION_TYPES[qtype]
-            chosen = answer.format(**drug)
-            others = [o for o in drugs if answer.format(**{**o, "d": drug["d"], "D": drug["D"]}) != chosen]
-            wrong = rng.choice(others)
             # no system prompt, another wording: not a near-duplicate of the sheet's row (clean would drop it)
-            rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(), "chosen": chosen,
-                         "rejected": answer.format(**{**wrong, "d": drug["d"], "D": drug["D"]})})
+            rows.append({"prompt": "Quick question, please: " + question.format(**drug).lower(),
+                         "chosen": TERSE[qtype].format(**drug), "rejected": answer.format(**drug)})
     return rows
 
 

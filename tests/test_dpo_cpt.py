@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import math
 import shutil
 import subprocess
@@ -150,9 +149,6 @@ def test_dvc_chain_runs_cpt_train_dpo_merge_in_order(tmp_path):
     assert order == ["base", "cpt", "train", "dpo", "merge"]
 
 
-@pytest.mark.skipif(os.environ.get("TUNEPIPE_SLOW") != "1", reason="issue 14, open: fails today (held-out "
-                    "preference accuracy does not rise on the demo: 12 held-out pairs 0.75 -> 0.75 with the dpo defaults); "
-                    "a long run, TUNEPIPE_SLOW=1 runs it")
 def test_demo_chain_with_cpt_and_dpo_raises_held_out_preference_accuracy(tmp_path):
     """The demo itself, as `dvc exp run -S cpt.enabled=true -S dpo.enabled=true` runs it (the tests'
     fast base and SFT, the repo's cpt and dpo sections): demo_data's preference pairs, held out by
@@ -163,9 +159,10 @@ def test_demo_chain_with_cpt_and_dpo_raises_held_out_preference_accuracy(tmp_pat
     cpt = json.loads((tmp_path / "metrics/cpt.json").read_text())
     assert cpt["enabled"] and cpt["documents"] == 60 and cpt["loss_final"] < cpt["loss_first"]
     m = json.loads((tmp_path / "metrics/dpo.json").read_text())
-    # 120 demo pairs: one dropped by clean as a near-duplicate, a tenth of the prompts held out
-    assert (m["train_pairs"], m["test_pairs"]) == (107, 12)
-    assert m["test_preference_accuracy_after"] > m["test_preference_accuracy_before"], m
+    # 120 demo pairs, a tenth of the prompts held out
+    assert (m["train_pairs"], m["test_pairs"]) == (108, 12)
+    # terse answers to quick questions: SFT prefers some held-out chosen answers (they are short), DPO all
+    assert m["test_preference_accuracy_before"] < 0.75 and m["test_preference_accuracy_after"] == 1.0, m
     with open(tmp_path / "plots/dpo_steps.csv", newline="") as f:
         curve = list(csv.DictReader(f))
     assert len(curve) == m["steps"] and {"reward_accuracy", "reward_margin"} <= set(curve[0])
