@@ -2,7 +2,8 @@
 and check that nothing is corrupt, nothing temporary is left and the outputs equal an unkilled run.
 
 TUNEPIPE_FAULTS=short (default, CI; a few kills, within 5 minutes) | long (every stage, at least 5
-moments each: by hand, an hour or more) | off. TUNEPIPE_FAULTS_SEED picks the moments (default 0).
+moments each: by hand, an hour or more) | off. TUNEPIPE_FAULTS_SEED picks the moments (default 0);
+TUNEPIPE_FAULTS_STAGES=train,dpo,... kills only those stages (a long run in parts).
 Each kill: `dvc repro --force --single-item STAGE` in a fresh checkout that ran the pipeline once,
 the stage's own process killed (as the OOM killer does) a random share of its unkilled run time in,
 then a plain `dvc repro` (every other kill, the first included, with --no-run-cache, so the stage really runs again
@@ -33,6 +34,8 @@ ALL_STAGES = ["demo_data", "ingest", "clean", "split", "base", "cpt", "train", "
               "register", "review", "upload"]
 PLAN = {"short": {"stages": ["ingest", "clean", "split", "base"], "moments": 1},
         "long": {"stages": ALL_STAGES, "moments": 5}}
+if os.environ.get("TUNEPIPE_FAULTS_STAGES") and MODE in PLAN:
+    PLAN[MODE]["stages"] = [s for s in ALL_STAGES if s in os.environ["TUNEPIPE_FAULTS_STAGES"].split(",")]
 TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-")  # stages/common.py atomic_path's temporaries
 DVC = ".venvs/core/bin/dvc"
 
