@@ -1,7 +1,7 @@
 """The tool-call check: does a model call the right tool, with valid JSON arguments equal to the reference?
 
 Held-out tool-calling conversations are test-split records whose assistant calls a tool, in either
-style ingest reads (stages/ingest.py): a ShareGPT function_call turn (an assistant message with
+style ingest reads (stages/ingest_formats.py): a ShareGPT function_call turn (an assistant message with
 "tool_calls", its content the JSON {"name", "arguments"} the model is trained to write), or a ReAct
 turn "Action: name\\nAction Input: {json}". The model is given the turns before the first call and
 its reply is parsed in either style (also an OpenAI {"function": {...}} object, a list of calls, a
