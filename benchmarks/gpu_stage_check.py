@@ -199,8 +199,9 @@ def check_fit(folder: Path, cuda: bool, memory_gb: float) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stages.train import (LoraParams, TrainParams, build_model, make_batch, make_optimizer, plan_steps,
-                              resolve_step_tokens, train_step)
+    from stages.train import LoraParams, TrainParams, build_model
+    from stages.train_batches import make_batch, plan_steps
+    from stages.train_step import make_optimizer, resolve_step_tokens, train_step
 
     device = torch.device("cuda" if cuda else "cpu")
     config = QWEN_05B if cuda else TINY

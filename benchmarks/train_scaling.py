@@ -6,7 +6,7 @@
 For each workload (the 1.9B of train_throughput.py, InternLM2-1.8B-shaped, and a 7B Llama shaped
 like InternLM2-7B, benchmarks/gpu_pipeline.py's internlm2-7b: hidden 4096, 32 layers, FFN 14336),
 a random-init bf16 checkpoint is written once (no hub downloads), then for each N in --devices the
-train stage's own step (stages.train.make_batch / batch_loss, stages.distributed.Sharded) runs on
+train stage's own step (stages.train_batches.make_batch, stages.train_step.batch_loss, stages.distributed.Sharded) runs on
 N processes under torchrun: N=1 is the plain one-process path (sharding none). Weak scaling: each
 process gets --step-tokens tokens a step (the global step is N times that), so tokens/s on N
 devices against N x tokens/s on one is the scaling efficiency (the issue's goal: >= 0.9 at 2 and 4).
@@ -60,7 +60,9 @@ def worker(args) -> None:
 
     from stages import distributed
     from stages.common import pick_device
-    from stages.train import batch_loss, build_model, make_batch, make_optimizer, plan_steps, train_step
+    from stages.train import build_model
+    from stages.train_batches import make_batch, plan_steps
+    from stages.train_step import batch_loss, make_optimizer, train_step
 
     nproc = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()

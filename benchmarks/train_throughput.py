@@ -9,8 +9,8 @@ every token. Effective tokens are the samples' own tokens (no padding).
 
 - baseline: plain transformers + peft, batches of 4 samples padded to the longest, gradient
   checkpointing, transformers' loss (what the issue measured at 3,211 tokens/s on an H100).
-- project: the train stage's own functions (stages.train: build_model, plan_steps, make_batch,
-  train_step) with the TrainParams below: token-budget steps packed into rows, documents isolated.
+- project: the train stage's own functions (stages.train: build_model; stages.train_batches: plan_steps,
+  make_batch; stages.train_step: train_step) with the TrainParams below: token-budget steps packed into rows, documents isolated.
 - loss check: on a fixed batch after training, the project's packed loss against transformers' own
   unpacked loss (each sample alone, sdpa), both in eval mode (no dropout) under bf16 autocast.
 - qlora: the project path with quantize=nf4 (bitsandbytes must be importable).
@@ -38,8 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.train import (IGNORE, LoraParams, TrainParams, batch_loss, build_model, collate, make_batch,  # noqa: E402
-                          make_optimizer, plan_steps, train_step)
+from stages.train import IGNORE, LoraParams, TrainParams, build_model  # noqa: E402
+from stages.train_batches import collate, make_batch, plan_steps  # noqa: E402
+from stages.train_step import batch_loss, make_optimizer, train_step  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INTERNLM2_1_8B = dict(vocab_size=92544, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,

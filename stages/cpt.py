@@ -3,9 +3,9 @@
 Always in the chain (base -> cpt -> train): it writes models/sft_base, the weights SFT starts from.
 With cpt.enabled false that is a copy of models/base. With it on, a LoRA adapter is trained on
 data/split/corpus.jsonl (the `text` records split sets aside) with train's own machinery
-(stages/train.py: build_model, packed rows isolated per document, train_step), every token a
-target; the adapter is then merged into the base weights, so models/sft_base is a plain model that
-train, dpo and merge load like any base (merged rather than stacked: one adapter per later stage,
+(stages/train.py: build_model; stages/train_batches.py: packed rows isolated per document;
+stages/train_step.py: train_step), every token a target; the adapter is then merged into the base
+weights, so models/sft_base is a plain model that train, dpo and merge load like any base (merged rather than stacked: one adapter per later stage,
 and merge folds only the last one). Metrics: loss curve (plots/cpt_loss.csv), tokens/s (metrics/cpt.json).
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pydantic import Field
 
 from stages.common import (Params, StageError, atomic_path, load_params, read_jsonl, resolve_base,
                            run_stage, write_json)
-from stages.train import (LoraParams, TrainParams, build_model, make_batch, make_optimizer, plan_steps, seeded_start,
-                          train_step, write_loss_curve)
+from stages.train import LoraParams, TrainParams, build_model, seeded_start, write_loss_curve
+from stages.train_batches import make_batch, plan_steps
+from stages.train_step import make_optimizer, train_step
 
 
 class CptParams(Params):

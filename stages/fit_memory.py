@@ -49,7 +49,7 @@ def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
 
 
 def padded_tokens(lengths: list[int], pack: bool, row: int) -> int:
-    """Tokens of the batch stages.train.collate builds from conversations of these lengths: rows x
+    """Tokens of the batch stages.train_batches.collate builds from conversations of these lengths: rows x
     width, rows packed first-fit decreasing into `row` tokens (pack) or one per conversation."""
     if not pack:
         return len(lengths) * max(lengths)

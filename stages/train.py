@@ -3,6 +3,8 @@
 Two backends, chosen by train.backend:
   hf     - transformers + peft with the small loop below (this file)
   xtuner - xtuner 0.2's own config-driven trainer, run in .venvs/xtuner (stages/train_xtuner.py)
+The hf loop's parts: steps and batches (stages/train_batches.py), the loss and optimizer step
+(stages/train_step.py), the varlen attention (stages/varlen_attention.py).
 Loss is on assistant tokens only: each answer and the end-of-turn token after it, found from the
 base model's own chat template (stages/chat_template.py). With train.pack,
 the conversations of a step are packed into rows with positions restarting per conversation;
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import random
 import subprocess
 import sys
@@ -45,9 +46,11 @@ from pydantic import Field, model_validator
 
 from stages.chat_template import IGNORE, TemplateError, stop_token_ids, tokenize_conversation
 from stages import distributed
-from stages.chunked_loss import chunked_causal_lm_loss
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device, read_jsonl,
                            resolve_base, run_stage, write_json)
+from stages.train_batches import make_batch, plan_steps
+from stages.train_step import batch_loss, evaluate_loss, make_optimizer, resolve_step_tokens, train_step
+from stages.varlen_attention import VARLEN, register_varlen_attention
 
 
 class LoraParams(Params):
@@ -103,198 +106,6 @@ class TrainParams(Params):
                 raise ValueError("sharding: zero3 gathers lm_head only in its forward, which the chunked loss "
                                  "skips: set loss_chunk_size 0 or use fsdp2")
         return self
-
-
-
-def plan_steps(examples: list[dict], p: TrainParams, rng: random.Random | None = None) -> list[list[int]]:
-    """One epoch's steps, as indices into examples (shuffled by rng): batch_size conversations a
-    step, or with step_tokens as many as fit that token budget (at least one)."""
-    order = list(range(len(examples)))
-    if rng is not None:
-        rng.shuffle(order)
-    if not p.step_tokens:
-        return [order[i:i + p.batch_size] for i in range(0, len(order), p.batch_size)]
-    steps, current, used = [], [], 0
-    for i in order:
-        n = len(examples[i]["input_ids"])
-        if current and used + n > p.step_tokens:
-            steps.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    return steps + [current] if current else steps
-
-
-def collate(examples: list[dict], pack: bool, row_length: int, pad_id: int):
-    """One step's batch. Packed: rows of concatenated samples, position_ids restarting at each
-    sample and no attention mask (the attention masks per document, derived from the positions).
-    Unpacked: padded to the longest sample, with an attention mask."""
-    import torch
-
-    if not pack:
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = lambda seq, value: seq + [value] * (width - len(seq))
-        return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
-                "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
-                "labels": torch.tensor([pad(e["labels"], IGNORE) for e in examples])}
-    rows: list[list[dict]] = [[]]
-    used: list[int] = [0]  # tokens in each row
-    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):  # first-fit decreasing
-        for r, row in enumerate(rows):
-            if used[r] + len(e["input_ids"]) <= row_length:
-                row.append(e)
-                used[r] += len(e["input_ids"])
-                break
-        else:
-            rows.append([e])
-            used.append(len(e["input_ids"]))
-    width = max(used)
-    ids, labels, positions = [], [], []
-    for row in rows:
-        r_ids = [t for x in row for t in x["input_ids"]]
-        # a sample's first token is never a target: the previous sample's last token must not learn it
-        r_labels = [t for x in row for t in [IGNORE, *x["labels"][1:]]]
-        r_pos = [i for x in row for i in range(len(x["input_ids"]))]
-        fill = width - len(r_ids)
-        # padding continues as one more "document" so it never attends into real samples
-        ids.append(r_ids + [pad_id] * fill)
-        labels.append(r_labels + [IGNORE] * fill)
-        positions.append(r_pos + list(range(fill)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
-
-
-def varlen_kwargs(batch: dict) -> dict:
-    """Document boundaries of a batch for the varlen attention, in transformers' flash-attention
-    kwargs: offsets of every document in the flattened (rows x width) tokens, where positions restart."""
-    import torch
-
-    positions = batch.get("position_ids")
-    if positions is None:  # padded rows: the padding after each sample is a document of its own
-        mask = batch["attention_mask"]
-        columns = torch.arange(mask.shape[1]).expand_as(mask)
-        positions = torch.where(mask.bool(), columns, columns - mask.sum(1, keepdim=True))
-        batch = dict(batch, position_ids=positions)
-    flat = positions.flatten()
-    cu = torch.cat([(flat == 0).nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return dict(batch, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-
-
-def make_batch(examples: list[dict], p: TrainParams, pad_id: int, device) -> dict:
-    """A step's conversations as model inputs on device, laid out as p asks."""
-    import torch
-
-    batch = collate(examples, p.pack, p.pack_tokens or p.max_length, pad_id)
-    if p.attn_implementation == "varlen":
-        batch = varlen_kwargs(batch)
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-# --- varlen attention: FlashAttention-2's variable-length kernel, which torch builds in (no flash-attn) ---
-
-VARLEN = "tunepipe_varlen"  # the name it is registered under in transformers
-
-
-@functools.cache
-def flash_varlen_op():
-    """Causal varlen flash attention as a torch custom op with its backward, so torch.compile keeps
-    it whole: q, k, v (tokens, heads, dim), k/v may have fewer heads (GQA); cu: int32 offsets."""
-    import torch
-
-    if hasattr(torch.ops.tunepipe, "flash_varlen"):  # defined already (stages.train imported twice)
-        return torch.ops.tunepipe.flash_varlen
-
-    def forward_impl(q, k, v, cu, max_len, scale):
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
-                                                                scale=scale)
-        return out, lse
-
-    def backward_impl(grad, q, k, v, out, lse, cu, max_len, scale):
-        # no dropout, so the random-state arguments are placeholders (as torch's own varlen_attn passes)
-        rng, unused = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
-        return tuple(torch.ops.aten._flash_attention_backward(grad, q, k, v, out, lse, cu, cu, max_len, max_len, 0.0,
-                                                              True, rng, unused, scale=scale))
-
-    forward = torch.library.custom_op("tunepipe::flash_varlen", forward_impl, mutates_args=(), schema=(
-        "(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale) -> (Tensor, Tensor)"))
-    backward_op = torch.library.custom_op("tunepipe::flash_varlen_backward", backward_impl, mutates_args=(), schema=(
-        "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, SymInt max_len, float scale)"
-        " -> (Tensor, Tensor, Tensor)"))
-    # the aten ops have meta kernels, so tracing (torch.compile) runs the same code on fake tensors
-    forward.register_fake(forward_impl)
-    backward_op.register_fake(backward_impl)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, cu, max_len, scale = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-        ctx.max_len, ctx.scale = max_len, scale
-
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-    forward.register_autograd(backward, setup_context=setup_context)
-    return forward
-
-
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention function: each document of the flattened batch attends causally to
-    itself only (cu_seq_lens_q from varlen_kwargs). query/key/value: (batch, heads, seq, dim)."""
-    import torch
-    import torch.nn.functional as F
-
-    if dropout:
-        raise StageError("attn_implementation=varlen has no attention dropout")
-    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    b, heads, s, d = query.shape
-    scale = scaling if scaling is not None else d ** -0.5
-    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out, _ = torch.ops.tunepipe.flash_varlen(q, k, v, cu, longest, scale)  # defined by register_varlen_attention
-    else:  # the same function on CPU or in fp32: causal SDPA one document at a time
-        bounds, gqa = cu.tolist(), getattr(module, "num_key_value_groups", 1) > 1
-        out = torch.cat([F.scaled_dot_product_attention(
-            *(t[a:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=scale,
-            enable_gqa=gqa)[0].transpose(0, 1) for a, e in zip(bounds[:-1], bounds[1:])])
-    return out.view(b, s, heads, d), None
-
-
-def register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-
-    flash_varlen_op()
-    # not in transformers' mask registry, so it builds no mask for it (none is needed)
-    AttentionInterface.register(VARLEN, varlen_attention)
-
-
-def batch_loss(model, batch, p: TrainParams | None = None) -> "torch.Tensor":
-    """Mean cross-entropy over every labelled token of the step (same for packed and padded)."""
-    import torch
-
-    p = p or TrainParams()
-    device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.dtype == "bfloat16"):
-        if not p.loss_chunk_size:
-            return model(**batch, use_cache=False).loss
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        head = lm.get_output_embeddings()
-        if type(head) is not torch.nn.Linear or head.bias is not None or getattr(lm.config, "final_logit_softcapping",
-                                                                                  None):
-            raise StageError("train.loss_chunk_size needs a plain, bias-free, untrained lm_head")
-        return chunked_causal_lm_loss(hidden, head.weight, batch["labels"], batch.get("position_ids"),
-                                      p.loss_chunk_size, compiled=p.compile)
-
-
-def train_step(model, batch: dict, optimizer, p: TrainParams) -> "torch.Tensor":
-    """One optimizer step on one batch; returns the loss (still on the device: no sync here)."""
-    loss = batch_loss(model, batch, p)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def seeded_start(seed: int, base: str):
@@ -388,61 +199,36 @@ def build_model(path: str, load: dict, p: TrainParams, device):
     return model
 
 
-def make_optimizer(model, p: TrainParams, device):
+def optimizing(model, p: TrainParams, device, group, total_steps: int) -> tuple:
+    """What steps the LoRA weights, with a cosine schedule over total_steps: in one process an AdamW
+    optimizer and its scheduler; with group a distributed.Sharded model, which holds its own (and each
+    rank's LoRA dropout is seeded apart). Returns optimizer, scheduler, sharded, loss_of (None: not used)."""
     import torch
+    from transformers import get_cosine_schedule_with_warmup
 
-    return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr,
-                             weight_decay=p.weight_decay, fused=True if device.type == "cuda" else None)
-
-
-def resolve_step_tokens(model, examples: list[dict], p: TrainParams, pad_id: int, device) -> tuple[TrainParams, dict]:
-    """p with step_tokens auto replaced by the budget this device fits (stages/fit_memory.py), and
-    what to report about it. Runs real train steps on a CUDA device, leaving the model as it was."""
-    if p.step_tokens != "auto":
-        return p, {"step_tokens": p.step_tokens}
-    if device.type != "cuda":
-        print(f"train: step_tokens auto measures GPU memory; on {device.type} steps are train.batch_size="
-              f"{p.batch_size} conversations (as step_tokens null)")
-        return p.model_copy(update={"step_tokens": None}), {"step_tokens": None, "step_tokens_auto": "no GPU: batch_size"}
-    import torch
-
-    from stages.fit_memory import auto_step_tokens, cuda_limit, measure_cuda, preserved
-
-    optimizer = make_optimizer(model, p, device)  # a throwaway: the probes' optimizer state is not kept
-    step = lambda conversations: train_step(model, make_batch(conversations, p, pad_id, device), optimizer, p)  # noqa: E731
-    plan = lambda budget: plan_steps(examples, p.model_copy(update={"step_tokens": budget}),  # noqa: E731
-                                     random.Random(p.seed))  # the first epoch's steps, as training plans them
-    model.train()
-    row = (p.pack_tokens or p.max_length) if p.pack else p.max_length
-    limit, fraction = cuda_limit(device)
-    with preserved(model):  # the probe steps' updates and random numbers are undone
-        budget, report = auto_step_tokens(lambda conversations: measure_cuda(step, conversations, model, device),
-                                          examples, plan, p.pack, row, p.max_length, p.step_tokens_memory, limit)
-    report["memory_fraction"] = fraction
-    del optimizer
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb is training's own
-    print(f"train: step_tokens auto = {budget} (rows of {row} tokens; predicted peak {report['predicted_peak_mb']:.0f} "
-          f"MiB, measured {report['verified_peak_mb']:.0f} MiB of {report['limit_mb']:.0f} MiB this process may use)")
-    return p.model_copy(update={"step_tokens": budget}), {"step_tokens": budget, "step_tokens_auto": report}
+    schedule = lambda opt: get_cosine_schedule_with_warmup(opt, int(p.warmup_ratio * total_steps), total_steps)  # noqa: E731
+    if group is None:
+        optimizer = make_optimizer(model, p, device)
+        return optimizer, schedule(optimizer), None, None
+    sharded = distributed.Sharded(model, lambda m, batch: batch_loss(m, batch, p), group,
+                                  lambda m: make_optimizer(m, p, device), schedule, p.dtype == "bfloat16")
+    torch.manual_seed(p.seed + group.rank)  # LoRA dropout: each rank's own masks
+    return None, None, sharded, sharded.loss
 
 
-def evaluate_loss(model, examples, p: TrainParams, pad_id: int, device, loss_of=None) -> float:
-    """Mean loss over every labelled token of examples; loss_of(batch) is the sharded model's
-    loss where several processes train (each runs every batch: the collectives need all)."""
-    import torch
+def resume_point(saved_at: Path, made_from: dict, p: TrainParams, total_steps: int, group) -> Path | None:
+    """The checkpoint under saved_at this run continues from (stages/checkpoints.py), or None, saying why
+    when one is there; runs of several processes make and resume none."""
+    from stages import checkpoints
 
-    loss_of = loss_of or (lambda batch: batch_loss(model, batch, p))
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for step in plan_steps(examples, p):
-            chunk = [examples[i] for i in step]
-            n = sum(distributed.labelled(e) for e in chunk)
-            total += loss_of(make_batch(chunk, p, pad_id, device)).item() * n
-            count += n
-    model.train()
-    return total / count
+    resumable, why_not = None, None
+    if group is None:
+        resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
+    elif group.main and p.save_every:
+        print(f"train: resumable checkpoints are made by one-process runs only; these {group.world} make none")
+    if why_not:
+        print(f"train: resume: {why_not}")
+    return resumable
 
 
 def train_hf(p: TrainParams, args, group=None) -> dict:
@@ -450,7 +236,6 @@ def train_hf(p: TrainParams, args, group=None) -> dict:
     share of every step and only rank 0 writes the outs (the caller writes the metrics there)."""
     import torch
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     from stages import checkpoints
 
@@ -467,27 +252,12 @@ def train_hf(p: TrainParams, args, group=None) -> dict:
     rng = random.Random(p.seed)
     plan = [plan_steps(train, p, rng) for _ in range(p.epochs)]
     total_steps = sum(len(steps) for steps in plan)
-    schedule = lambda opt: get_cosine_schedule_with_warmup(opt, int(p.warmup_ratio * total_steps), total_steps)  # noqa: E731
-    if group is None:
-        optimizer = make_optimizer(model, p, device)
-        scheduler = schedule(optimizer)
-        sharded, loss_of = None, None
-    else:
-        sharded = distributed.Sharded(model, lambda m, batch: batch_loss(m, batch, p), group,
-                                      lambda m: make_optimizer(m, p, device), schedule, p.dtype == "bfloat16")
-        loss_of = sharded.loss
-        torch.manual_seed(p.seed + group.rank)  # LoRA dropout: each rank's own masks
+    optimizer, scheduler, sharded, loss_of = optimizing(model, p, device, group, total_steps)
 
     # the run so far: a fresh one, or what the last matching checkpoint holds
     made_from = checkpoints.with_order(made_from, plan)
     saved_at = Path(args.checkpoints) / "hf"
-    resumable, why_not = None, None
-    if group is None:
-        resumable, why_not = checkpoints.find_resumable(saved_at, made_from, p.resume, total_steps)
-    elif main_rank and p.save_every:
-        print(f"train: resumable checkpoints are made by one-process runs only; these {group.world} make none")
-    if why_not:
-        print(f"train: resume: {why_not}")
+    resumable = resume_point(saved_at, made_from, p, total_steps, group)
     if resumable:
         run = checkpoints.load(resumable, model, optimizer, scheduler)["run"]
         print(f"train: resuming from {resumable} (step {run['step']} of {total_steps})")

@@ -16,8 +16,9 @@ from conftest import copy_outputs, run_stage, write_params
 from stages.common import StageError, pick_device, pick_dtype
 from stages.fit_memory import (auto_step_tokens, fit_line, memory_limit, padded_tokens, pick_budget, preserved,
                                probe_examples, too_small)
-from stages.train import (LoraParams, TrainParams, batch_loss, build_model, collate, make_batch, plan_steps,
-                          resolve_step_tokens, tokenize_conversation)
+from stages.train import LoraParams, TrainParams, build_model, tokenize_conversation
+from stages.train_batches import collate, make_batch, plan_steps
+from stages.train_step import batch_loss, resolve_step_tokens
 
 GPU = torch.cuda.is_available()
 GiB, MiB = 2**30, 2**20

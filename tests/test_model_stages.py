@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, run_stage, write_params
 from stages.common import CHAT_TEMPLATE, CPU_MATH_PIN, IM_END, read_jsonl, render_chatml
-from stages.train import IGNORE, collate, tokenize_conversation
+from stages.train import IGNORE, tokenize_conversation
+from stages.train_batches import collate
 
 # Recorded from this code on the CPU build of torch 2.13.0; the computation is seeded end to end
 # and the CPU math pinned (stages/common.py pin_cpu_math), so every x86-64 machine gets these bits.

@@ -13,8 +13,9 @@ from transformers import AutoTokenizer
 
 from conftest import REPO
 from stages.common import read_jsonl
-from stages.train import (IGNORE, LoraParams, TrainParams, batch_loss, build_model, collate, make_batch, plan_steps,
-                          tokenize_conversation, varlen_kwargs)
+from stages.train import IGNORE, LoraParams, TrainParams, build_model, tokenize_conversation
+from stages.train_batches import collate, make_batch, plan_steps, varlen_kwargs
+from stages.train_step import batch_loss
 
 PLAIN = TrainParams(lora=LoraParams(dropout=0.0))  # the stage's defaults, without dropout noise
 
