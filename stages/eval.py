@@ -20,7 +20,7 @@ Runs in .venvs/opencompass (opencompass 0.5.4 pins numpy<2 and datasets<4, so it
    rerun as-is:
        .venvs/opencompass/bin/opencompass eval/opencompass_config.py
 4. Run it through OpenCompass's own entry point (`python -m opencompass.cli.main <config>`),
-   parse outputs/<name>/<timestamp>/summary/summary_<timestamp>.csv into metrics/eval.json, and
+   parse outputs/<name>/run/summary/summary.csv into metrics/eval.json, and
    collect the per-sample predictions into eval/predictions.jsonl.
 
 Sets (stages/eval_sets.py): besides the generative rows above, the test split's multiple-choice
@@ -54,7 +54,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages import eval_sets, eval_served
-from stages.eval_config import CHAT_META_TEMPLATE, PPL_MODEL, PPL_RUN_NAME, RUN_NAME, write_config
+from stages.eval_config import CHAT_META_TEMPLATE, OC_RUN_DIR, PPL_MODEL, PPL_RUN_NAME, RUN_NAME, write_config
 from stages.awq import dequantize_linear
 from stages.chat_template import stop_token_ids
 from stages.common import (Params, StageError, atomic_path, load_base_tokenizer, load_params, pick_device,
@@ -210,37 +210,54 @@ def is_hf_model_dir(path: Path) -> bool:
 # 4. run OpenCompass and read its results
 # ---------------------------------------------------------------------------------------------
 def run_opencompass(config: Path, cwd: Path, run_name: str = RUN_NAME) -> Path:
-    """`opencompass <config>` in a subprocess of this env; returns outputs/<name>/<timestamp>/."""
+    """`opencompass <config>` in a subprocess of this env; returns outputs/<name>/run/."""
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[1])  # OpenCompass imports stages.oc_plugins's evaluators
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.setdefault(k, "1")  # everything is local: models from disk, metrics from opencompass
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = [sys.executable, "-m", "opencompass.cli.main", config.name]
+    # OpenCompass names a run's folder after its start time; `--reuse run` names it `run` instead
+    # (cwd is the stage's fresh temporary folder: there is nothing to reuse), so that eval/ depends
+    # on its inputs only and a rerun, or a killed stage run again, writes the same bytes
+    cmd = [sys.executable, "-m", "opencompass.cli.main", config.name, "--reuse", OC_RUN_DIR]
     print(f"eval: running {' '.join(cmd)} (in {cwd})", flush=True)
     proc = subprocess.run(cmd, cwd=cwd, env=env)
-    runs = sorted((cwd / "outputs" / run_name).glob("*/"))
-    if proc.returncode != 0 or len(runs) != 1:
+    run = cwd / "outputs" / run_name / OC_RUN_DIR
+    if proc.returncode != 0 or not run.is_dir():
         raise StageError(f"opencompass exited {proc.returncode} on {config.name}; its output is above")
     # scratch left behind: the runner's tmp/ (params of finished tasks), ChatInferencer's default
     # ./icl_inference_output/ (unused) and its tmp_<dataset>.json checkpoints (it deletes a .jsonl name)
     for scratch in ("tmp", "icl_inference_output"):
         if (cwd / scratch).is_dir() and not any((cwd / scratch).iterdir()):
             (cwd / scratch).rmdir()
-    for tmp_pred in runs[0].glob("predictions/*/tmp_*.json"):
+    for tmp_pred in run.glob("predictions/*/tmp_*.json"):
         if tmp_pred.with_name(tmp_pred.name[len("tmp_"):]).exists():
             tmp_pred.unlink()
-    return runs[0]
+    unstamp(run)
+    return run
+
+
+def unstamp(run: Path) -> None:
+    """What OpenCompass stamps with the start time, made to depend on the inputs only: its dump of the
+    config (configs/<time>_<pid>.py, with absolute paths into this run's temporary folder) is dropped,
+    eval/opencompass_config.py being the config it ran; the summary tables get fixed names
+    (summary/summary_<time>.{csv,md,txt} -> summary.*), the .txt without its first line (the time)."""
+    shutil.rmtree(run / "configs", ignore_errors=True)
+    for table in run.glob("summary/summary_*"):
+        if table.suffix == ".txt":
+            first, _, rest = table.read_text(encoding="utf-8").partition("\n")
+            table.write_text(rest if first.replace("_", "").isdigit() else first + "\n" + rest, encoding="utf-8")
+        table.rename(table.with_name("summary" + table.suffix))
 
 
 def read_summary(run_dir: Path, dataset: str | list[str], abbrs: list[str]) -> dict:
-    """summary_<timestamp>.csv (dataset,version,metric,mode,<model abbr>...) -> {model: {metric: score}};
+    """summary.csv (dataset,version,metric,mode,<model abbr>...) -> {model: {metric: score}};
     for several datasets (one named OpenCompass config) the metrics are "<dataset>/<metric>"."""
     names = [dataset] if isinstance(dataset, str) else dataset
-    files = sorted((run_dir / "summary").glob("summary_*.csv"))
+    files = sorted((run_dir / "summary").glob("summary.csv"))
     if len(files) != 1:
-        raise StageError(f"{run_dir}/summary: expected one summary_*.csv, found {len(files)}")
+        raise StageError(f"{run_dir}/summary: no summary.csv; see opencompass's output above")
     scores: dict = {a: {} for a in abbrs}
     with open(files[0], encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):

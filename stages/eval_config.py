@@ -20,7 +20,8 @@ CHAT_META_TEMPLATE = dict(
     round=[dict(role="HUMAN", api_role="HUMAN"), dict(role="BOT", api_role="BOT", generate=True)],
     reserved_roles=[dict(role="SYSTEM", api_role="SYSTEM")],
 )
-RUN_NAME = "tunepipe_eval"                 # OpenCompass work dir: outputs/<RUN_NAME>/<timestamp>/
+RUN_NAME = "tunepipe_eval"                 # OpenCompass work dir: outputs/<RUN_NAME>/<OC_RUN_DIR>/
+OC_RUN_DIR = "run"                         # the stage's run folder (OpenCompass's default: the start time)
 PPL_RUN_NAME = "tunepipe_eval_ppl"         # eval.mcq.mode ppl
 CHAT_MODEL, PPL_MODEL = "opencompass.models.HuggingFacewithChatTemplate", "opencompass.models.HuggingFaceBaseModel"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -208,6 +209,31 @@ def test_perfect_model_scores_maximum_and_stops_at_im_end(evaluated):
     # the near-random base model says something else, and ROUGE must see that
     assert any(p["prediction"] != p["reference"] for p in preds if p["model"] == "base")
     assert metrics["base"]["rougeL"] < 50.0
+
+
+@needs_opencompass
+@needs_core
+def test_a_rerun_writes_the_same_eval_folder(evaluated, tmp_path):
+    """eval/ is a DVC out: run again on the same inputs it must hash the same (OpenCompass names its
+    run folder and summaries after the start time, and its config dump holds the temporary folder's
+    path; `tunepipe reproduce --rerun` and the fault harness compare md5s)."""
+    import hashlib
+
+    root, _ = evaluated
+    again = tmp_path / "again"
+    for part in ("data", "models"):  # copies: the config names models inside the checkout relative to it
+        shutil.copytree(root / part, again / part)
+    proc = run_stage(again, (root / "params.yaml").read_text(encoding="utf-8"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def md5s(folder: Path) -> dict:
+        return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    first = md5s(root / "eval")
+    assert "outputs/tunepipe_eval/run/summary/summary.csv" in first and "opencompass_config.py" in first
+    assert md5s(again / "eval") == first
+    assert (again / "metrics/eval.json").read_bytes() == (root / "metrics/eval.json").read_bytes()
 
 
 @needs_opencompass
