@@ -255,11 +255,11 @@ def read_summary(run_dir: Path, dataset: str | list[str], abbrs: list[str]) -> d
     """summary.csv (dataset,version,metric,mode,<model abbr>...) -> {model: {metric: score}};
     for several datasets (one named OpenCompass config) the metrics are "<dataset>/<metric>"."""
     names = [dataset] if isinstance(dataset, str) else dataset
-    files = sorted((run_dir / "summary").glob("summary.csv"))
-    if len(files) != 1:
-        raise StageError(f"{run_dir}/summary: no summary.csv; see opencompass's output above")
+    table = run_dir / "summary" / "summary.csv"
+    if not table.exists():
+        raise StageError(f"{table}: not written; see opencompass's output above")
     scores: dict = {a: {} for a in abbrs}
-    with open(files[0], encoding="utf-8", newline="") as f:
+    with open(table, encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             if row["dataset"] not in names:
                 continue
@@ -268,11 +268,11 @@ def read_summary(run_dir: Path, dataset: str | list[str], abbrs: list[str]) -> d
                 try:
                     scores[a][metric] = float(row[a])
                 except (KeyError, ValueError):
-                    raise StageError(f"{files[0]}: no score for model {a}, metric {row['metric']} "
+                    raise StageError(f"{table}: no score for model {a}, metric {row['metric']} "
                                      f"(got {row.get(a)!r}); see opencompass's output above") from None
     missing = [a for a in abbrs if not scores[a]]
     if missing:
-        raise StageError(f"{files[0]}: no {dataset} rows for {missing}; see opencompass's output above")
+        raise StageError(f"{table}: no {dataset} rows for {missing}; see opencompass's output above")
     return scores
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -63,6 +64,12 @@ def run_stage(folder: Path, name: str, *args: str) -> None:
             module.main()
     finally:
         sys.argv = argv
+
+
+def folder_md5(folder: Path) -> dict:
+    """{relative path: md5} of every file under folder: two folders compare equal byte for byte."""
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 SHARED_FIXTURES = ("full_run", "pipeline")  # session fixtures that cost minutes: built once, not once per worker

@@ -2,7 +2,6 @@
 column, exit status 1 and no traceback, and leaves the raw file as it was."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_stage, write_params
+from conftest import REPO, folder_md5, run_stage, write_params
 from stages.common import StageError
 
 QA_HEADER = ["Question", "Focus (Drug)", "Answer"]
@@ -340,10 +339,6 @@ CASES = [
 ]
 
 
-def md5s(folder: Path) -> dict:
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
-
-
 @pytest.mark.parametrize("make, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_named(workdir, make, message):
     raw = workdir / "data/raw"
@@ -352,10 +347,10 @@ def test_bad_input_is_named(workdir, make, message):
     sources, extra = (made if isinstance(made, tuple) else (made, {}))
     sources = sources if isinstance(sources, list) else [sources]
     write_params(workdir, {"ingest": {"sources": sources, **extra}})
-    before = md5s(raw)
+    before = folder_md5(raw)
     with pytest.raises(StageError, match=message):
         run_stage(workdir, "ingest")
-    assert md5s(raw) == before  # raw data untouched
+    assert folder_md5(raw) == before  # raw data untouched
     assert not (workdir / "data/ingested/records.jsonl").exists()  # nothing half-written
 
 

@@ -4,7 +4,6 @@ from, and the DVC chain base -> cpt -> train -> dpo -> merge."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import shutil
@@ -13,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COLORS, THINGS, build_tiny_base, color_conversations, run_stage, write_params, write_records
+from conftest import (COLORS, THINGS, build_tiny_base, color_conversations, folder_md5, run_stage, write_params,
+                      write_records)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def folder_md5(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_dpo_loss_exact_for_both_types():

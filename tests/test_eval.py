@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import folder_md5
+
 REPO = Path(__file__).resolve().parents[1]
 OC_PY = REPO / ".venvs/opencompass/bin/python"
 CORE_PY = REPO / ".venvs/core/bin/python"
@@ -217,8 +219,6 @@ def test_a_rerun_writes_the_same_eval_folder(evaluated, tmp_path):
     """eval/ is a DVC out: run again on the same inputs it must hash the same (OpenCompass names its
     run folder and summaries after the start time, and its config dump holds the temporary folder's
     path; `tunepipe reproduce --rerun` and the fault harness compare md5s)."""
-    import hashlib
-
     root, _ = evaluated
     again = tmp_path / "again"
     for part in ("data", "models"):  # copies: the config names models inside the checkout relative to it
@@ -226,13 +226,9 @@ def test_a_rerun_writes_the_same_eval_folder(evaluated, tmp_path):
     proc = run_stage(again, (root / "params.yaml").read_text(encoding="utf-8"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    def md5s(folder: Path) -> dict:
-        return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
-
-    first = md5s(root / "eval")
+    first = folder_md5(root / "eval")
     assert "outputs/tunepipe_eval/run/summary/summary.csv" in first and "opencompass_config.py" in first
-    assert md5s(again / "eval") == first
+    assert folder_md5(again / "eval") == first
     assert (again / "metrics/eval.json").read_bytes() == (root / "metrics/eval.json").read_bytes()
 
 
